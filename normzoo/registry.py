@@ -1,0 +1,101 @@
+"""Name -> factory registries, one per kind (norms, backbones, datasets, probes), filled by plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from normzoo.errors import PluginError, SpecError, did_you_mean
+from normzoo.spec import Param, Spec, params_from_signature, resolve, split_spec
+
+# Arguments the core passes itself; they never appear in a spec.
+RESERVED = frozenset({"self", "num_features", "device", "dtype", "norm_layer", "num_classes", "in_chans",
+                      "data_dir"})
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered name: who registered it, what it builds, and the parameters its spec takes."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    summary: str
+    reference: str = ""
+    positional: str | None = None
+    params: tuple[Param, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "plugin": self.plugin,
+            "summary": self.summary,
+            "reference": self.reference,
+            "positional": self.positional,
+            "params": {p.name: {"type": "|".join(p.choices) if p.choices else p.type.__name__,
+                                "default": p.format(p.default)} for p in self.params},
+            **{k: v for k, v in self.extra.items() if isinstance(v, (str, int, float, bool, list, dict))},
+        }
+
+
+class Registry:
+    """The entries of one kind, keyed by name. Duplicate names are refused with both plugins named."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def add(self, plugin: str, name: str, factory: Callable[..., Any], *, summary: str, reference: str = "",
+            positional: str | None = None, **extra: Any) -> Entry:
+        if not isinstance(name, str) or not name or any(c in name for c in ":,= "):
+            raise PluginError(f"plugin '{plugin}' registered an invalid {self.kind[:-1]} name {name!r} "
+                              "(no ':', ',', '=' or spaces)")
+        if not callable(factory):
+            raise PluginError(f"plugin '{plugin}' registered {self.kind[:-1]} '{name}' with a non-callable factory")
+        if name in self._entries:
+            first = self._entries[name].plugin
+            raise PluginError(f"{self.kind[:-1]} '{name}' is registered by both plugin '{first}' and plugin "
+                              f"'{plugin}'; the one from '{first}' is kept")
+        params = params_from_signature(factory, RESERVED)
+        if positional is not None and positional not in {p.name for p in params}:
+            raise PluginError(f"plugin '{plugin}': {self.kind[:-1]} '{name}' declares positional '{positional}', "
+                              "which is not a defaulted parameter of its factory")
+        entry = Entry(self.kind, name, factory, plugin, summary.strip(), reference, positional, params, extra)
+        self._entries[name] = entry
+        return entry
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            valid = ", ".join(self.names()) or "none registered"
+            raise SpecError(f"unknown {self.kind[:-1]} '{name}'{did_you_mean(name, self._entries)}; "
+                            f"valid: {valid}") from None
+
+    def parse(self, text: str | Spec) -> Spec:
+        """Parse a spec string against this registry; a :class:`Spec` passes through re-validated."""
+        if isinstance(text, Spec):
+            text = text.canonical()
+        family, positional_text, pairs = split_spec(text)
+        entry = self.get(family)
+        return resolve(family, positional_text, pairs, entry.params, entry.positional)
+
+    def build(self, spec: str | Spec, /, *args: Any, **kwargs: Any) -> Any:
+        """Parse ``spec`` and call its factory with ``*args``, the core's ``**kwargs`` and the spec's values."""
+        parsed = self.parse(spec)
+        return self._entries[parsed.family].factory(*args, **kwargs, **parsed.kwargs)

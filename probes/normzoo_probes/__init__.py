@@ -1,0 +1,1 @@
+"""Probe metrics for normzoo (filled in by the probes work)."""
