@@ -62,7 +62,7 @@ class Plugins:
 
         for module_name in DEFAULT_PLUGINS:
             module = importlib.import_module(module_name)
-            self._add(module, module_name.rsplit(".", 1)[-1], __version__, "builtin")
+            self._add(module, module_name.replace(".default_plugins", ""), __version__, "builtin")
         if load_entrypoints:
             self._load_entrypoints()
 
@@ -134,7 +134,7 @@ class Plugins:
         if kind not in self._registries:
             registry = Registry(kind)
             hook = getattr(self.pm.hook, hookspecs.KINDS[kind])
-            for impl in reversed(hook.get_hookimpls()):  # pluggy lists last-registered first
+            for impl in hook.get_hookimpls():  # registration order: built-ins first, so they keep their names
                 self._call_register_hook(registry, impl)
             self._registries[kind] = registry
         return self._registries[kind]

@@ -7,6 +7,7 @@ the canonical form lists every parameter (defaults filled) and is what configs a
 
 from __future__ import annotations
 
+import inspect
 import math
 import typing
 from dataclasses import dataclass
@@ -76,15 +77,31 @@ class Param:
 
 def params_from_signature(factory: Any, reserved: frozenset[str]) -> tuple[Param, ...]:
     """Read a factory's defaulted keyword parameters as spec parameters."""
-    import inspect
+    if isinstance(factory, type):
+        # A subclass that forwards **kwargs to its base (e.g. a Probe's schedule) exposes both signatures.
+        targets = []
+        for klass in factory.__mro__:
+            if "__init__" not in vars(klass) or klass is object:
+                continue
+            targets.append(klass.__init__)
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD
+                       for p in inspect.signature(klass.__init__).parameters.values()):
+                break
+    else:
+        targets = [factory]
+    params: list[Param] = []
+    for target in targets:
+        params += [p for p in _params_of(target, reserved) if p.name not in {q.name for q in params}]
+    return tuple(params)
 
-    target = factory.__init__ if isinstance(factory, type) else factory
+
+def _params_of(target: Any, reserved: frozenset[str]) -> list[Param]:
     try:
         hints = typing.get_type_hints(target)
     except Exception:  # unresolvable forward references: fall back to the defaults' types
         hints = {}
     params = []
-    for p in inspect.signature(factory).parameters.values():
+    for p in inspect.signature(target).parameters.values():
         if p.name in reserved or p.default is inspect.Parameter.empty:
             continue
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
@@ -102,7 +119,7 @@ def params_from_signature(factory: Any, reserved: frozenset[str]) -> tuple[Param
             continue  # not expressible in a spec string (e.g. a callable): leave it to Python callers
         default = float(p.default) if ptype is float and isinstance(p.default, int) else p.default
         params.append(Param(p.name, ptype, default, choices))
-    return tuple(params)
+    return params
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,168 @@
+"""``normzoo run``, ``eval`` and ``inspect``: the training job and checkpoint tools."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from normzoo.cli import cli, format_table
+from normzoo.errors import NormzooError
+
+RUN_EPILOG = """\b
+Examples:
+  normzoo run --backbone vgg11 --norm lp:inf --dataset fashion-mnist-mini --steps 600 --device cpu
+  normzoo run --backbone vgg11 --norm noisy-bn --preset santurkar2018          # CIFAR-10, paper setting
+  normzoo run --backbone timm:resnet18 --norm gn:8 --epochs 30 --compile reduce-overhead
+  normzoo run --resume runs/20261123-101500-vgg11-lp_inf-s0                      # continue after Ctrl-C
+"""
+
+
+def _defaults() -> Any:
+    from normzoo.config import RunConfig  # no torch import
+
+    return RunConfig()
+
+
+D = _defaults()
+
+
+@cli.command(epilog=RUN_EPILOG)
+@click.option("--backbone", help=f"Backbone spec (see 'normzoo backbones').  [default: {D.backbone}]")
+@click.option("--norm", help=f"Norm spec (see 'normzoo norms').  [default: {D.norm}]")
+@click.option("--dataset", help=f"Dataset spec (see 'normzoo datasets').  [default: {D.dataset}]")
+@click.option("--data-dir", help="Where datasets are found or downloaded.  [default: $NORMZOO_DATA or ~/.cache/normzoo]")
+@click.option("--steps", type=click.IntRange(1), help="Optimizer steps (default: 1 epoch unless --epochs).")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Epochs instead of --steps.")
+@click.option("--batch-size", type=click.IntRange(1), help=f"[default: {D.batch_size}]")
+@click.option("--lr", type=click.FloatRange(0), help=f"Peak learning rate.  [default: {D.lr}]")
+@click.option("--momentum", type=click.FloatRange(0, 1), help=f"SGD momentum.  [default: {D.momentum}]")
+@click.option("--weight-decay", type=click.FloatRange(0), help=f"[default: {D.weight_decay}]")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help=f"[default: {D.optimizer}]")
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]),
+              help=f"Learning-rate schedule (step: ×0.1 at 50% and 75%).  [default: {D.schedule}]")
+@click.option("--augment/--no-augment", default=None, help="Random crop + flip on the device (off by default, as in the paper).")
+@click.option("--seed", type=int, help=f"[default: {D.seed}]")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]),
+              help="Mixed precision.  [default: auto = bf16 on CUDA, off on CPU]")
+@click.option("--channels-last/--no-channels-last", default=None, help="[default: on for CUDA, off on CPU]")
+@click.option("--compile", "compile_mode", is_flag=False, flag_value="default", default=None,
+              help="torch.compile the model; optional mode: default, reduce-overhead (CUDA graphs), max-autotune.")
+@click.option("--probe", "probes", multiple=True, help="Probe spec, repeatable (see 'normzoo probes').")
+@click.option("--preset", help="Named settings, e.g. santurkar2018 (explicit options still win).")
+@click.option("--log-every", type=click.IntRange(1), help=f"Steps per logged training record.  [default: {D.log_every}]")
+@click.option("--eval-every", type=click.IntRange(1), help="Steps between test evaluations.  [default: once per epoch]")
+@click.option("--divergence-factor", type=click.FloatRange(1, min_open=True),
+              help=f"Stop as diverged when the loss exceeds this multiple of the first loss.  [default: {D.divergence_factor:g}]")
+@click.option("--out", help=f"Parent folder of run directories.  [default: {D.out}]")
+@click.option("--run-name", help="Name of the run directory.  [default: <time>-<backbone>-<norm>-s<seed>]")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue a run directory from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary table; print only the run directory.")
+def run(resume_dir: str | None, quiet: bool, compile_mode: str | None, probes: tuple[str, ...],
+        **options: Any) -> None:
+    """Train a backbone with a norm on a dataset into a run directory.
+
+    Writes config.json, metrics.jsonl, summary.csv and last/best.safetensors checkpoints. Ctrl-C (or SIGTERM)
+    finishes the current step, saves and prints how to resume. A run whose loss explodes stops with status
+    'diverged' and exit code 0.
+    """
+    from normzoo import runner
+    from normzoo.config import RunConfig, apply_preset
+
+    explicit = {k: v for k, v in options.items() if v is not None}
+    if compile_mode is not None:
+        explicit["compile"] = compile_mode
+    if probes:
+        explicit["probes"] = list(probes)
+    if resume_dir:
+        allowed = {"steps", "epochs", "device", "quiet"}
+        extra = set(explicit) - allowed
+        if extra:
+            raise NormzooError(f"--resume continues the saved config; only --steps/--epochs/--device may change "
+                               f"(got {', '.join('--' + e.replace('_', '-') for e in sorted(extra))})")
+        result = runner.resume(resume_dir, quiet=quiet, **explicit)
+    else:
+        preset = explicit.pop("preset", None)
+        values = apply_preset(preset, explicit) if preset else explicit
+        result = runner.train(RunConfig(**values), quiet=quiet)
+    report(result, quiet)
+
+
+def report(result: Any, quiet: bool) -> None:
+    s = result.summary
+    if quiet:
+        click.echo(result.run_dir)
+    else:
+        rows = [{"key": k, "value": _fmt(s.get(k))} for k in
+                ("run", "backbone", "norm", "dataset", "status", "step", "train_loss", "train_acc", "test_loss",
+                 "test_acc", "best_test_acc", "train_time_s", "probe_time_s", "images_per_s")
+                if s.get(k) is not None]
+        click.echo(format_table(rows, ["key", "value"]))
+    if result.status == "diverged":
+        click.echo(f"Diverged at step {s['diverged_step']} (loss not finite or above the divergence factor).",
+                   err=True)
+    if result.status == "interrupted":
+        click.echo(f"Interrupted at step {s['step']}; checkpoint saved. Resume with:\n"
+                   f"  normzoo run --resume {result.run_dir}", err=True)
+        raise SystemExit(130)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+@cli.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--dataset", help="Dataset spec (default: the one the checkpoint was trained on).")
+@click.option("--data-dir", help="Where datasets are found.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def eval_command(checkpoint: str, dataset: str | None, data_dir: str | None, device: str, batch_size: int,
+                 as_json: bool) -> None:
+    """Evaluate a checkpoint's test loss and accuracy.
+
+    \b
+    Example:
+      normzoo eval runs/<run>/best.safetensors --dataset fashion-mnist
+    """
+    import torch.nn.functional as F
+
+    from normzoo.checkpoint import load_checkpoint
+    from normzoo.data import load_dataset
+    from normzoo.evaluate import evaluate
+    from normzoo.runner import resolve_device
+
+    target = resolve_device(device)
+    model, info = load_checkpoint(checkpoint, device=target)
+    data = load_dataset(dataset or info.get("dataset") or "cifar10", data_dir=data_dir)
+    if data.num_classes != info.get("num_classes", data.num_classes):
+        raise NormzooError(f"dataset has {data.num_classes} classes but the checkpoint was trained for "
+                           f"{info['num_classes']}")
+    classification = data.task == "classification"
+    metrics = evaluate(model, model, data.test_x.to(target), data.test_y.to(target),
+                       F.cross_entropy if classification else F.mse_loss, batch_size=batch_size,
+                       classification=classification)
+    metrics = {"checkpoint": checkpoint, "dataset": data.name, "examples": len(data.test_y), **metrics}
+    if as_json:
+        click.echo(json.dumps(metrics))
+    else:
+        click.echo(format_table([{"key": k, "value": _fmt(v)} for k, v in metrics.items()], ["key", "value"]))
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+def inspect(checkpoint: str, as_json: bool) -> None:
+    """Print a checkpoint's metadata (backbone, norm, dataset, versions) without loading the weights."""
+    from normzoo.checkpoint import read_checkpoint_info
+
+    info = read_checkpoint_info(checkpoint)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        rows = [{"key": k, "value": json.dumps(v) if isinstance(v, (dict, list)) else _fmt(v)}
+                for k, v in info.items()]
+        click.echo(format_table(rows, ["key", "value"]))

@@ -1,0 +1,316 @@
+"""Shared machinery of the batch "scale" norms (ℓp, L1 and top-k batch norms).
+
+Per channel, over the batch and the spatial positions: ``y = γ · (x − µ) / (s + eps) + β`` with µ the batch mean
+and s a scale statistic of the batch (a power mean, a mean absolute deviation, a top-k mean, ...). A subclass of
+:class:`BatchScaleNorm` says how s is computed (``_batch_stats``) and gives a plain-autograd version of the same
+computation (``_reference_scale``); this module supplies the running statistics, the eval path and one custom
+autograd Function with an analytic backward that needs only a few passes over the tensors.
+
+Backward. With g = dL/dout, n the number of values per channel, d = s + eps, y = (x − µ)/d and
+G = Σ_i γ g_i y_i (which is γ·dL/dγ), every variant's input gradient is
+
+    dL/dx_j = (γ/d)(g_j − mean g) − (G/d) · ds/dx_j
+
+and only ds/dx differs (see the ``*ScaleGrad`` classes). The two per-channel sums Σg and Σg(x − µ) come from a
+single fused pass of ATen's batch-norm backward kernel (asked for the weight and bias gradients only).
+Double backward (``create_graph=True``, e.g. Hessian-vector products) differentiates the plain reference instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normzoo.norms.base import NormTraits, as_channels_first_4d
+
+_DIMS = (0, 2, 3)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics of half/bfloat16 inputs are computed in float32."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def channel(v: Tensor) -> Tensor:
+    """A per-channel vector shaped to broadcast against (N, C, H, W)."""
+    return v.view(1, -1, 1, 1)
+
+
+def affine(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``t · scale + shift`` per channel in one pass (ATen's inference batch-norm kernel; keeps t's layout)."""
+    ones = torch.ones_like(scale)
+    return F.batch_norm(t, torch.zeros_like(scale), ones, scale, shift, False, 0.0, 0.0)
+
+
+def channel_grad_sums(g: Tensor, x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
+    """Per channel ``Σ g`` and ``Σ g·(x − mean)·inv`` in one fused pass over g and x."""
+    try:
+        _, sum_gy, sum_g = torch.ops.aten.native_batch_norm_backward(
+            g, x, None, None, None, mean, inv, True, 0.0, [False, True, True])
+        return sum_g, sum_gy
+    except (RuntimeError, NotImplementedError):  # a backend without the fused kernel
+        return g.sum(_DIMS), (g * (x - channel(mean))).sum(_DIMS) * inv
+
+
+# -- how the scale s depends on x ------------------------------------------------------------------------------------
+class ScaleGrad:
+    """ds/dx of one scale statistic; builds ``dx = g·A + C0 + K·ds/dx`` (A, C0, K per channel)."""
+
+    def input_grad(self, g: Tensor, x: Tensor, mean: Tensor, A: Tensor, C0: Tensor, K: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class LinearScaleGrad(ScaleGrad):
+    """ds/dx_j = alpha · (x_j − center): s = factor · sqrt(mean z²) (z = x − center, alpha = factor²/(n s))."""
+
+    alpha: Tensor
+    center: Tensor | None  # None: 0 (uncentered)
+
+    def input_grad(self, g, x, mean, A, C0, K):
+        k = K * self.alpha
+        shift = C0 if self.center is None else C0 - k * self.center
+        dx = affine(g, A, shift)
+        return dx.addcmul_(x, channel(k))
+
+
+@dataclass
+class SignScaleGrad(ScaleGrad):
+    """ds/dx_j = beta · (sign(z_j) − [centered] mean sign(z)): s = factor · mean |z| (beta = factor/n)."""
+
+    beta: Tensor | float
+    centered: bool
+
+    def input_grad(self, g, x, mean, A, C0, K):
+        t = torch.sub(x, channel(mean)).sign_() if self.centered else torch.sign(x)
+        return _dense_with(t, g, A, C0, K * self.beta, self.centered)
+
+
+@dataclass
+class PowerScaleGrad(ScaleGrad):
+    """ds/dx_j = kappa · (w_j − [centered] mean w) with w = sign(z)|z|^(p−1): s = factor · M_p(z)."""
+
+    kappa: Tensor
+    p: float
+    centered: bool
+
+    def input_grad(self, g, x, mean, A, C0, K):
+        z = torch.sub(x, channel(mean)) if self.centered else x
+        t = z.abs().pow_(self.p - 1).mul_(torch.sign(z))
+        return _dense_with(t, g, A, C0, K * self.kappa, self.centered)
+
+
+def _dense_with(t: Tensor, g: Tensor, A: Tensor, C0: Tensor, k: Tensor, centered: bool) -> Tensor:
+    """``g·A + C0 + k·(t − [centered] mean t)``, reusing the freshly allocated t as the result."""
+    shift = C0 - k * t.mean(_DIMS) if centered else C0
+    torch.addcmul(channel(shift), t, channel(k), out=t)
+    return t.addcmul_(g, channel(A))
+
+
+@dataclass
+class SparseScaleGrad(ScaleGrad):
+    """ds/dz is ``coef`` at a few positions per channel (max, top-k); centered subtracts its mean over the channel.
+
+    ``n_idx``/``hw_idx`` (C, k) locate the positions as sample and flattened spatial index.
+    """
+
+    n_idx: Tensor
+    hw_idx: Tensor
+    coef: Tensor
+    centered: bool
+
+    def input_grad(self, g, x, mean, A, C0, K):
+        n = x.numel() // x.shape[1]
+        shift = C0 - K * self.coef.sum(1) / n if self.centered else C0
+        dx = affine(g, A, shift)
+        C, k = self.coef.shape
+        width = x.shape[3]
+        c_idx = torch.arange(C, device=x.device).unsqueeze(1).expand(C, k)
+        values = (K.unsqueeze(1) * self.coef).to(dx.dtype)
+        dx.index_put_((self.n_idx.reshape(-1), c_idx.reshape(-1), (self.hw_idx // width).reshape(-1),
+                       (self.hw_idx % width).reshape(-1)), values.reshape(-1), accumulate=True)
+        return dx
+
+
+@dataclass
+class ScaleStats:
+    """What ``_batch_stats`` returns: batch mean and scale per channel (compute dtype) and how s depends on x.
+
+    ``work``, when given, is a fresh tensor holding ``x − mean``; the forward overwrites it with the output.
+    """
+
+    mean: Tensor
+    scale: Tensor
+    grad: ScaleGrad
+    work: Tensor | None = None
+
+
+# -- the autograd Function -------------------------------------------------------------------------------------------
+class _BatchScaleNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, norm: BatchScaleNorm):
+        cdtype = compute_dtype(x.dtype)
+        x4 = as_channels_first_4d(x).to(cdtype)
+        stats = norm._batch_stats(x4)
+        d = stats.scale + norm.eps
+        A = d.reciprocal() if weight is None else weight.to(cdtype) / d
+        beta = torch.zeros_like(d) if bias is None else bias.to(cdtype)
+        if stats.work is not None:  # x − µ is already materialized: scale and shift it in place
+            out = torch.addcmul(channel(beta), stats.work, channel(A), out=stats.work)
+        else:
+            out = affine(x4, A, beta - stats.mean * A)
+        out = out.to(x.dtype).reshape(x.shape)
+        ctx.save_for_backward(x, weight, bias, stats.mean, d)
+        ctx.scale_grad = stats.grad
+        ctx.norm = norm
+        ctx.mark_non_differentiable(stats.mean, stats.scale)
+        return out, stats.mean, stats.scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, _grad_mean: Any, _grad_scale: Any):
+        x, weight, bias, mean, d = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain reference instead
+            return _reference_grads(ctx.norm, x, weight, bias, grad_out) + (None,)
+        cdtype = compute_dtype(x.dtype)
+        x4 = as_channels_first_4d(x).to(cdtype)
+        g4 = as_channels_first_4d(grad_out).to(cdtype)
+        n = x4.numel() // x4.shape[1]
+        inv = d.reciprocal()
+        sum_g, sum_gy = channel_grad_sums(g4, x4, mean, inv)  # Σg and Σ g·y = dL/dγ
+        gamma = None if weight is None else weight.to(cdtype)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            A = inv if gamma is None else gamma * inv
+            C0 = -A * sum_g / n
+            K = -(sum_gy if gamma is None else gamma * sum_gy) * inv  # −G/d
+            dx = ctx.scale_grad.input_grad(g4, x4, mean, A, C0, K).to(x.dtype).reshape(x.shape)
+        if weight is not None and ctx.needs_input_grad[1]:
+            dw = sum_gy.to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            db = sum_g.to(bias.dtype)
+        return dx, dw, db, None
+
+
+def _reference_grads(norm: BatchScaleNorm, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    with torch.enable_grad():
+        out = norm.reference_forward(x, weight, bias)
+        grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in (x, weight, bias))
+
+
+# -- the module ------------------------------------------------------------------------------------------------------
+class BatchScaleNorm(nn.Module):
+    """Base of the batch scale norms: parameters, running estimates, train/eval forward.
+
+    Train mode normalizes with the batch mean and scale and updates ``running_mean``/``running_scale`` by an
+    exponential moving average (``r ← (1 − momentum)·r + momentum·batch``; the scale gets no Bessel correction);
+    eval mode uses the running estimates: ``y = γ (x − running_mean)/(running_scale + eps) + β``.
+    """
+
+    traits = NormTraits(batch_dependent=True, running_stats=True, min_values=2)
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, momentum: float = 0.1,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"{type(self).__name__}: num_features must be positive, got {num_features}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1], got {momentum}")
+        if not eps >= 0.0:
+            raise ValueError(f"{type(self).__name__}: eps must be >= 0, got {eps}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.affine = affine
+        self.momentum = float(momentum)
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_scale", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    # -- what subclasses provide ---------------------------------------------------------------------------------
+    def _batch_stats(self, x: Tensor) -> ScaleStats:
+        """Batch mean, scale and ds/dx of a (N, C, H, W) tensor in the compute dtype (no autograd)."""
+        raise NotImplementedError
+
+    def _reference_scale(self, x: Tensor, mean: Tensor) -> Tensor:
+        """The scale as plain differentiable ops: x (N, C, H, W), mean (1, C, 1, 1) -> (1, C, 1, 1)."""
+        raise NotImplementedError
+
+    # -- parameters and running statistics -----------------------------------------------------------------------
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_scale.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, momentum={self.momentum}"
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() not in (2, 4):
+            raise ValueError(f"{type(self).__name__} expects (N, C) or (N, C, H, W) input, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}) got {x.shape[1]} channels")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if not self.training:
+            return self.eval_forward(x)
+        out, mean, scale = _BatchScaleNormFn.apply(x, self.weight, self.bias, self)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_scale.lerp_(scale.to(self.running_scale.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
+        return out
+
+    def eval_forward(self, x: Tensor) -> Tensor:
+        """``γ (x − running_mean)/(running_scale + eps) + β`` in one pass (differentiable)."""
+        cdtype = compute_dtype(x.dtype)
+        a = (self.running_scale.to(cdtype) + self.eps).reciprocal()
+        if self.weight is not None:
+            a = self.weight.to(cdtype) * a
+        b = -self.running_mean.to(cdtype) * a
+        if self.bias is not None:
+            b = b + self.bias.to(cdtype)
+        return F.batch_norm(x, torch.zeros_like(a), torch.ones_like(a), a, b, False, 0.0, 0.0)
+
+    def reference_forward(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """The train-mode output written with plain autograd ops (tests, double backward); no running update."""
+        cdtype = compute_dtype(x.dtype)
+        x4 = as_channels_first_4d(x).to(cdtype)
+        mean = x4.mean(_DIMS, keepdim=True)
+        y = (x4 - mean) / (self._reference_scale(x4, mean) + self.eps)
+        if weight is not None:
+            y = y * channel(weight.to(cdtype))
+        if bias is not None:
+            y = y + channel(bias.to(cdtype))
+        return y.to(x.dtype).reshape(x.shape)
+
+
+def nan_free_reciprocal(s: Tensor, numerator: float) -> Tensor:
+    """``numerator / s`` where s > 0, else 0 (a constant channel's scale has no useful derivative)."""
+    return torch.where(s > 0, numerator / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+
+
+SQRT_HALF_PI = math.sqrt(math.pi / 2)

@@ -1,0 +1,120 @@
+"""Noisy BatchNorm (Santurkar et al. 2018, "How Does Batch Normalization Help Optimization?", Algorithm 1).
+
+Batch norm whose output is perturbed, in training mode and freshly at every forward, by channel-wise random
+shifts and scales that change from step to step — a deliberate "internal covariate shift". Per forward, for every
+channel j::
+
+    µ_j ~ U(−mu, mu)        σ_j ~ U(1, sigma)
+
+and for every element a of channel j (every sample and every spatial position, which counts as batch)::
+
+    m ~ U(µ_j − r_mu, µ_j + r_mu)      s ~ N(σ_j, r_sigma)      a ← s·a + m
+
+Paper constants (the defaults): n_µ = 0.5, n_σ = 1.25, r_µ = r_σ = 0.1.
+
+Choices the paper leaves open, exposed as parameters with these defaults:
+
+* ``where=after``: the noise is applied to the output of the whole BN layer (after γ, β); ``where=before``
+  applies it to the normalized activations, before γ, β.
+* ``r_sigma`` is the standard deviation of s (not its variance, not a half-width).
+* ``eval=mean``: at eval there is no randomness; the activations are scaled by E[s] = (1 + sigma)/2 and shifted
+  by E[m] = 0, so the network sees activations of the size it was trained on. ``eval=none`` adds no noise at
+  eval (plain BN output), which makes the test accuracy of a noise-trained network collapse (DESIGN.md §7.1).
+* ``bn=false``: the same noise on a network without BN: no normalization, no γ/β and no running statistics
+  (``eps``, ``affine``, ``momentum`` and ``where`` are then ignored); the layer is not batch-dependent.
+
+Randomness: the draws use torch's global generator of the input's device (``torch.manual_seed`` makes them
+reproducible), in this order: µ (C values), σ (C values), the uniforms of m, the normals of s (each of the input's
+shape, in (N, C, H, W) order whatever the memory layout, so channels_last inputs get the same noise). Noise is
+drawn and applied in float32 for half/bfloat16 inputs (output in the input dtype), else in the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normzoo.norms.base import NormTraits
+from normzoo.norms.batch import BatchNorm
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class NoisyBatchNorm(BatchNorm):
+    """BatchNorm plus Algorithm 1's per-step random channel-wise shift/scale noise (see the module docstring)."""
+
+    traits = NormTraits(batch_dependent=True, running_stats=True, min_values=2)
+
+    def __init__(self, num_features: int, *, mu: float = 0.5, sigma: float = 1.25, r_mu: float = 0.1,
+                 r_sigma: float = 0.1, where: Literal["after", "before"] = "after",
+                 eval: Literal["mean", "none"] = "mean", bn: bool = True, eps: float = 1e-5, affine: bool = True,
+                 momentum: float = 0.1, device: Any = None, dtype: Any = None) -> None:
+        for name, value in (("mu", mu), ("r_mu", r_mu), ("r_sigma", r_sigma)):
+            if not value >= 0:
+                raise ValueError(f"noisy-bn: {name} must be >= 0, got {value}")
+        if where not in ("after", "before"):
+            raise ValueError(f"noisy-bn: where must be 'after' or 'before', got {where!r}")
+        if eval not in ("mean", "none"):
+            raise ValueError(f"noisy-bn: eval must be 'mean' or 'none', got {eval!r}")
+        nn.BatchNorm2d.__init__(self, num_features, eps=eps, momentum=momentum, affine=affine and bn,
+                                track_running_stats=bn, device=device, dtype=dtype)
+        self.mu, self.sigma, self.r_mu, self.r_sigma = float(mu), float(sigma), float(r_mu), float(r_sigma)
+        self.where = where
+        self.eval_noise = eval  # not ``self.eval``: that is nn.Module.eval()
+        self.bn = bool(bn)
+        if not self.bn:
+            self.traits = NormTraits(batch_dependent=False, running_stats=False, min_values=1)
+
+    @property
+    def expected_scale(self) -> float:
+        """E[s] = E[σ_j] = (1 + sigma)/2, the eval-mode factor of ``eval=mean``."""
+        return (1.0 + self.sigma) / 2.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if not self.bn:
+            a = x
+        elif self.where == "after":
+            a = super().forward(x)
+        else:
+            a = self._batch_norm(x, None, None)
+        if self.training:
+            a = self.add_noise(a)
+        elif self.eval_noise == "mean":
+            a = a * self.expected_scale
+        if self.bn and self.where == "before" and self.affine:
+            shape = (1, -1) + (1,) * (a.dim() - 2)
+            a = torch.addcmul(self.bias.view(shape), a, self.weight.view(shape))
+        return a
+
+    def add_noise(self, a: Tensor) -> Tensor:
+        """``s·a + m`` with fresh per-channel µ_j, σ_j and per-element m, s (Algorithm 1)."""
+        cdtype = torch.float32 if a.dtype in _LOW_PRECISION else a.dtype
+        C = a.shape[1]
+        shape = (1, C) + (1,) * (a.dim() - 2)
+        kw = {"device": a.device, "dtype": cdtype}
+        mu_c = torch.rand(C, **kw).mul_(2 * self.mu).sub_(self.mu).view(shape)
+        sigma_c = torch.rand(C, **kw).mul_(self.sigma - 1).add_(1).view(shape)
+        m = torch.rand(a.shape, **kw).mul_(2 * self.r_mu).add_(mu_c - self.r_mu)
+        s = torch.randn(a.shape, **kw).mul_(self.r_sigma).add_(sigma_c)
+        out = torch.mul(a, s)  # a first, so the output keeps a's memory layout
+        return out.add_(m).to(a.dtype)
+
+    def _batch_norm(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """``nn.BatchNorm2d.forward`` with the given affine (None: normalization only)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
+                            weight, bias, use_batch, factor, self.eps)
+
+    def extra_repr(self) -> str:
+        noise = (f"mu={self.mu}, sigma={self.sigma}, r_mu={self.r_mu}, r_sigma={self.r_sigma}, "
+                 f"where={self.where}, eval={self.eval_noise}, bn={self.bn}")
+        return f"{super().extra_repr()}, {noise}" if self.bn else f"{self.num_features}, {noise}"

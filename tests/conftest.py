@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests run on CPU with tiny models; GPU-only tests are marked ``cuda`` and skip without one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normzoo.plugins import get_plugins, reset_plugins
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    """A freshly loaded plugin manager, discarded after the test (so inline plugins never leak)."""
+    monkeypatch.delenv("NORMZOO_STRICT_PLUGINS", raising=False)
+    reset_plugins()
+    yield get_plugins()
+    reset_plugins()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
