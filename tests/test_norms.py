@@ -114,8 +114,11 @@ def test_traits():
 
 
 # -- float64 formulas written independently of the modules ---------------------------------------------------------
-def formula(spec, x, weight, bias, seed=0):
-    """Train-mode output of a built-in norm spec, in float64 from the definitions."""
+def formula(spec, x, weight, bias, seed=0, noise_dtype=None):
+    """Train-mode output of a built-in norm spec, in float64 from the definitions.
+
+    Noisy norms draw their noise in ``noise_dtype`` (the module's dtype; default x's) so both see the same draws.
+    """
     s = parse_norm(spec)
     kw, eps = s.kwargs, s.kwargs.get("eps", 1e-5)
     x4 = x if x.dim() == 4 else x[:, :, None, None]
@@ -140,10 +143,14 @@ def formula(spec, x, weight, bias, seed=0):
         if family == "bn":
             return finish(xhat)
         torch.manual_seed(seed)
-        mu_c = torch.rand(Ch, dtype=x.dtype) * 2 * kw["mu"] - kw["mu"]
-        sigma_c = 1 + torch.rand(Ch, dtype=x.dtype) * (kw["sigma"] - 1)
-        m = bc(mu_c) + (torch.rand(x.shape, dtype=x.dtype).reshape(x4.shape) * 2 - 1) * kw["r_mu"]
-        sc = bc(sigma_c) + torch.randn(x.shape, dtype=x.dtype).reshape(x4.shape) * kw["r_sigma"]
+
+        def draw(fn, shape):
+            return fn(shape, dtype=noise_dtype or x.dtype).to(x.dtype)
+
+        mu_c = draw(torch.rand, Ch) * 2 * kw["mu"] - kw["mu"]
+        sigma_c = 1 + draw(torch.rand, Ch) * (kw["sigma"] - 1)
+        m = bc(mu_c) + (draw(torch.rand, x.shape).reshape(x4.shape) * 2 - 1) * kw["r_mu"]
+        sc = bc(sigma_c) + draw(torch.randn, x.shape).reshape(x4.shape) * kw["r_sigma"]
         if not kw["bn"]:
             return (sc * x4 + m).reshape(x.shape)
         if kw["where"] == "after":
@@ -187,7 +194,8 @@ def test_train_output_matches_float64_formula(spec, shape):
 def test_float32_output_matches_formula(spec):
     module = build(spec).train()
     x = sample((16, C, 5, 5))
-    expected = formula(spec, x.double(), *(getattr(module, n, None) for n in ("weight", "bias")))
+    expected = formula(spec, x.double(), *(getattr(module, n, None) for n in ("weight", "bias")),
+                       noise_dtype=torch.float32)
     torch.testing.assert_close(seeded(module, x).double(), expected.detach(), rtol=1e-4, atol=1e-4)
 
 

@@ -165,7 +165,9 @@ class _BatchScaleNormFn(torch.autograd.Function):
             out = torch.addcmul(channel(beta), stats.work, channel(A), out=stats.work)
         else:
             out = affine(x4, A, beta - stats.mean * A)
-        out = out.to(x.dtype).reshape(x.shape)
+        out = out.to(x.dtype)
+        if out.shape != x.shape:  # (N, C) input; a view must not leave a custom Function (in-place ReLU after it)
+            out = out.reshape(x.shape).clone()
         ctx.save_for_backward(x, weight, bias, stats.mean, d)
         ctx.scale_grad = stats.grad
         ctx.norm = norm

@@ -87,7 +87,7 @@ class NoisyBatchNorm(BatchNorm):
             a = a * self.expected_scale
         if self.bn and self.where == "before" and self.affine:
             shape = (1, -1) + (1,) * (a.dim() - 2)
-            a = torch.addcmul(self.bias.view(shape), a, self.weight.view(shape))
+            a = torch.addcmul(self.bias.view(shape), a, self.weight.view(shape)).to(x.dtype)
         return a
 
     def add_noise(self, a: Tensor) -> Tensor:
