@@ -191,11 +191,13 @@ class Trainer:
         else:
             self.run.create(self.config.to_dict())
         model, opt, cfg, state = self.model, self.optimizer, self.config, self.state
+        # Piped to a log file, redraw every 30 s instead of every step so the log stays readable.
         bar = tqdm(total=self.total, initial=state["step"], disable=self.quiet, unit="step",
-                   dynamic_ncols=True, file=sys.stderr)
+                   dynamic_ncols=True, file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0)
         window_loss = torch.zeros((), device=self.device)
         window_correct = torch.zeros((), device=self.device, dtype=torch.long)
         window_start, window_steps, status, test = time.perf_counter(), 0, "running", {}
+        self.window_probe_s = 0.0
         model.train()
         with StopRequest() as stop:
             while state["step"] < self.total:
@@ -223,10 +225,10 @@ class Trainer:
                 window_steps += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == self.total or stop.signum is not None:
-                    status = self.log_window(step, window_loss, window_correct, window_steps,
-                                             time.perf_counter() - window_start, bar)
+                    train_seconds = time.perf_counter() - window_start - self.window_probe_s
+                    status = self.log_window(step, window_loss, window_correct, window_steps, train_seconds, bar)
                     window_loss.zero_(), window_correct.zero_()
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, self.window_probe_s = time.perf_counter(), 0, 0.0
                     if status == "diverged":
                         break
                 if step % self.eval_every == 0 or step == self.total or stop.signum is not None:
@@ -240,14 +242,24 @@ class Trainer:
         return self.finish(status, test)
 
     def run_probes(self, x: torch.Tensor, y: torch.Tensor, lr: float, step: int) -> None:
-        start = time.perf_counter()
+        due = [(name, probe) for name, probe in zip(self.probe_names, self.probes) if probe.due(step, self.total)]
+        if not due:
+            return
         context = ProbeContext(self.model, self.loss_fn, x, y, self.optimizer, lr, step, self.total)
-        for name, probe in zip(self.probe_names, self.probes):
-            if probe.due(step, self.total):
-                values = probe.measure(context)
-                self.run.log({"type": "probe", "probe": name, "step": step, "batch_size": len(y),
-                              "mode": "train" if self.model.training else "eval", **values})
-        self.state["probe_time_s"] += time.perf_counter() - start
+        for name, probe in due:
+            self.sync()
+            start = time.perf_counter()
+            values = probe.measure(context)
+            self.sync()
+            elapsed = time.perf_counter() - start
+            self.run.log({"type": "probe", "probe": name, "step": step, "batch_size": len(y),
+                          "mode": "train" if self.model.training else "eval", "seconds": elapsed, **values})
+            self.state["probe_time_s"] += elapsed
+            self.window_probe_s += elapsed  # training time and images/s exclude the probes
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def log_window(self, step: int, loss_sum: torch.Tensor, correct: torch.Tensor, steps: int,
                    seconds: float, bar: Any) -> str:

@@ -98,10 +98,13 @@ class NoisyBatchNorm(BatchNorm):
         kw = {"device": a.device, "dtype": cdtype}
         mu_c = torch.rand(C, **kw).mul_(2 * self.mu).sub_(self.mu).view(shape)
         sigma_c = torch.rand(C, **kw).mul_(self.sigma - 1).add_(1).view(shape)
-        m = torch.rand(a.shape, **kw).mul_(2 * self.r_mu).add_(mu_c - self.r_mu)
-        s = torch.randn(a.shape, **kw).mul_(self.r_sigma).add_(sigma_c)
-        out = torch.mul(a, s)  # a first, so the output keeps a's memory layout
-        return out.add_(m).to(a.dtype)
+        # Fewest passes over the (RNG-bound) full-size tensors: draw in place, then one fused multiply-add into m.
+        m = torch.empty(a.shape, **kw).uniform_(-self.r_mu, self.r_mu).add_(mu_c)
+        s = torch.empty(a.shape, **kw).normal_(0.0, self.r_sigma).add_(sigma_c)
+        out = m.addcmul_(a, s)
+        if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out.to(a.dtype)
 
     def _batch_norm(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """``nn.BatchNorm2d.forward`` with the given affine (None: normalization only)."""

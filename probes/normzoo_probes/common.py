@@ -1,0 +1,71 @@
+"""Helpers shared by the probes: which layers to track, losses and gradients on the probe's batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from normzoo.errors import SpecError
+from normzoo.probe import ProbeContext
+
+LAYER_CHOICES = ("weighted", "norm", "conv", "linear", "all")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalization module: anything normzoo created from a spec, or one of torch's norm classes."""
+    if getattr(module, "normzoo_spec", None) is not None:
+        return True
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm))
+
+
+def tracked_layers(model: nn.Module, layers: str = "weighted") -> list[tuple[str, nn.Module]]:
+    """Modules to measure, in forward (registration) order.
+
+    ``weighted``: conv and linear layers (the W_i of Santurkar et al.'s Definition 2.1); ``norm``: normalization
+    modules; ``conv`` / ``linear``: only those; ``all``: weighted and norm layers; anything else is a
+    '+'-joined list of module names (``features.0+classifier.2``).
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    kinds = {
+        "conv": lambda m: isinstance(m, nn.modules.conv._ConvNd),
+        "linear": lambda m: isinstance(m, nn.Linear),
+        "norm": is_norm,
+    }
+    kinds["weighted"] = lambda m: kinds["conv"](m) or kinds["linear"](m)
+    kinds["all"] = lambda m: kinds["weighted"](m) or is_norm(m)
+    if layers in kinds:
+        return [(n, m) for n, m in named if kinds[layers](m)]
+    wanted = [s for s in layers.split("+") if s]
+    by_name = dict(named)
+    missing = [w for w in wanted if w not in by_name]
+    if missing:
+        raise SpecError(f"no module named {', '.join(missing)} in the model; layers= takes one of "
+                        f"{', '.join(LAYER_CHOICES)} or module names joined by '+'")
+    return [(w, by_name[w]) for w in wanted]
+
+
+def own_params(module: nn.Module) -> list[nn.Parameter]:
+    """The module's own trainable parameters (not its children's)."""
+    return [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+
+def batch_loss(ctx: ProbeContext) -> torch.Tensor:
+    """The training loss on the probe's batch, in the model's current mode (float32 output)."""
+    return ctx.loss_fn(ctx.model(ctx.inputs).float(), ctx.targets)
+
+
+def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:
+    """d loss / d params; parameters the loss does not reach get zeros."""
+    grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def flat_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """ℓ2 norm of several tensors seen as one vector (float64 accumulation)."""
+    return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors)))
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
