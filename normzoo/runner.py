@@ -93,13 +93,34 @@ def autocast_for(config: RunConfig, device: torch.device) -> tuple[Any, torch.dt
     return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
 
 
+def epoch_permutation(seed: int, epoch: int, train_size: int) -> torch.Tensor:
+    """The seeded order of epoch ``epoch`` (CPU generator: the same on every device)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(train_size, generator=generator)
+
+
 def batch_indices(seed: int, step: int, train_size: int, batch_size: int) -> torch.Tensor:
     """Indices of step ``step``'s batch: a slice of the seeded permutation of its epoch (drop-last)."""
-    per_epoch = train_size // batch_size
-    epoch, position = divmod(step, per_epoch)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    permutation = torch.randperm(train_size, generator=generator)
-    return permutation[position * batch_size:(position + 1) * batch_size]
+    epoch, position = divmod(step, train_size // batch_size)
+    return epoch_permutation(seed, epoch, train_size)[position * batch_size:(position + 1) * batch_size]
+
+
+class BatchSampler:
+    """``batch_indices`` with each epoch's permutation made once and kept on the training device.
+
+    One host-to-device copy per epoch: a copy per step would stall the GPU queue every step.
+    """
+
+    def __init__(self, seed: int, train_size: int, batch_size: int, device: torch.device) -> None:
+        self.seed, self.train_size, self.batch_size, self.device = seed, train_size, batch_size, device
+        self.epoch, self.permutation = -1, torch.empty(0, dtype=torch.long)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.train_size // self.batch_size)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.permutation = epoch_permutation(self.seed, epoch, self.train_size).to(self.device)
+        return self.permutation[position * self.batch_size:(position + 1) * self.batch_size]
 
 
 class Trainer:
@@ -130,7 +151,8 @@ class Trainer:
         self.probe_names = [registry("probes").parse(spec).family for spec in config.probes]
 
         self.channels_last = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
-        memory_format = torch.channels_last if self.channels_last and len(self.data.input_shape) == 3 else None
+        self.memory_format = memory_format = \
+            torch.channels_last if self.channels_last and len(self.data.input_shape) == 3 else None
         self.model = model.to(self.device, memory_format=memory_format) if memory_format else model.to(self.device)
         self.train_x = self._to_device(self.data.train_x, memory_format)
         self.train_y = self.data.train_y.to(self.device)
@@ -140,6 +162,8 @@ class Trainer:
         self.autocast, amp_dtype = autocast_for(config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype is torch.float16)
         self.forward = torch.compile(self.model, mode=config.compile) if config.compile else self.model
+        # CUDA graphs reuse their output buffers: each training step must be marked as a new one.
+        self.cudagraph_steps = bool(config.compile) and "reduce-overhead" in config.compile
         self.loss_fn = F.cross_entropy if self.classification else F.mse_loss
         self.total = config.total_steps(len(self.train_y))
         self.eval_every = config.eval_every or len(self.train_y) // config.batch_size
@@ -198,19 +222,24 @@ class Trainer:
         window_correct = torch.zeros((), device=self.device, dtype=torch.long)
         window_start, window_steps, status, test = time.perf_counter(), 0, "running", {}
         self.window_probe_s = 0.0
+        sampler = BatchSampler(cfg.seed, len(self.train_y), cfg.batch_size, self.device)
         model.train()
         with StopRequest() as stop:
             while state["step"] < self.total:
                 step = state["step"]
-                idx = batch_indices(cfg.seed, step, len(self.train_y), cfg.batch_size).to(self.device)
+                idx = sampler(step)
                 x, y = self.train_x[idx], self.train_y[idx]
                 if cfg.augment:
                     x = self.augment(x)
+                    if self.memory_format is not None:
+                        x = x.contiguous(memory_format=self.memory_format)
                 lr = lr_at(cfg, step, self.total)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 if self.probes:
                     self.run_probes(x, y, lr, step)
+                if self.cudagraph_steps:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with self.autocast():
                     out = self.forward(x)
                     loss = self.loss_fn(out.float(), y)

@@ -130,3 +130,20 @@ def test_schedules():
     assert lr_at(cfg, 0, 100) == 1.0 and lr_at(cfg, 50, 100) == pytest.approx(0.5)
     cfg.schedule = "step"
     assert [lr_at(cfg, s, 100) for s in (0, 49, 50, 75)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile_mode", [None, "reduce-overhead"])
+def test_cuda_run_uses_bf16_channels_last_and_compiles(tmp_path, compile_mode):
+    from normzoo.runner import Trainer, autocast_for
+
+    config = RunConfig(**{**TINY, "device": "cuda"}, norm="lp:inf", steps=8, out=str(tmp_path), run_name="r",
+                       compile=compile_mode, eval_every=4)
+    trainer = Trainer(config, quiet=True)
+    conv = next(p for p in trainer.model.parameters() if p.dim() == 4)
+    assert conv.is_cuda and conv.is_contiguous(memory_format=torch.channels_last)
+    assert autocast_for(config, trainer.device)[1] is torch.bfloat16
+    result = trainer.fit()
+    assert result.status == "finished" and 0 < result.summary["train_loss"] < 10
+    for name in ("last.safetensors", "best.safetensors"):
+        assert all(t.device.type == "cpu" for t in load_file(tmp_path / "r" / name).values())

@@ -42,10 +42,15 @@ def channel(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
+# Inference batch norm computes (t − 0)/sqrt(1 + eps)·scale + shift; torch rejects eps = 0, and 1 + 1e-30 rounds
+# to exactly 1 in every floating dtype, so this eps makes it an exact per-channel affine map.
+AFFINE_EPS = 1e-30
+
+
 def affine(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``t · scale + shift`` per channel in one pass (ATen's inference batch-norm kernel; keeps t's layout)."""
     ones = torch.ones_like(scale)
-    return F.batch_norm(t, torch.zeros_like(scale), ones, scale, shift, False, 0.0, 0.0)
+    return F.batch_norm(t, torch.zeros_like(scale), ones, scale, shift, False, 0.0, AFFINE_EPS)
 
 
 def channel_grad_sums(g: Tensor, x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
@@ -295,7 +300,7 @@ class BatchScaleNorm(nn.Module):
         b = -self.running_mean.to(cdtype) * a
         if self.bias is not None:
             b = b + self.bias.to(cdtype)
-        return F.batch_norm(x, torch.zeros_like(a), torch.ones_like(a), a, b, False, 0.0, 0.0)
+        return F.batch_norm(x, torch.zeros_like(a), torch.ones_like(a), a, b, False, 0.0, AFFINE_EPS)
 
     def reference_forward(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """The train-mode output written with plain autograd ops (tests, double backward); no running update."""
