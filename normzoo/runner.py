@@ -234,8 +234,9 @@ class Trainer:
                     if self.memory_format is not None:
                         x = x.contiguous(memory_format=self.memory_format)
                 lr = lr_at(cfg, step, self.total)
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                if lr != opt.param_groups[0]["lr"]:
+                    for group in opt.param_groups:
+                        group["lr"] = lr
                 if self.probes:
                     self.run_probes(x, y, lr, step)
                 if self.cudagraph_steps:
@@ -254,6 +255,7 @@ class Trainer:
                 window_steps += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == self.total or stop.signum is not None:
+                    self.sync()  # the window's time must include the GPU work still queued
                     train_seconds = time.perf_counter() - window_start - self.window_probe_s
                     status = self.log_window(step, window_loss, window_correct, window_steps, train_seconds, bar)
                     window_loss.zero_(), window_correct.zero_()

@@ -56,8 +56,9 @@ def affine(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 def channel_grad_sums(g: Tensor, x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
     """Per channel ``Σ g`` and ``Σ g·(x − mean)·inv`` in one fused pass over g and x."""
     try:
+        # A weight of ones: without one the CUDA kernel returns an empty weight gradient.
         _, sum_gy, sum_g = torch.ops.aten.native_batch_norm_backward(
-            g, x, None, None, None, mean, inv, True, 0.0, [False, True, True])
+            g, x, torch.ones_like(mean), None, None, mean, inv, True, 0.0, [False, True, True])
         return sum_g, sum_gy
     except (RuntimeError, NotImplementedError):  # a backend without the fused kernel
         return g.sum(_DIMS), (g * (x - channel(mean))).sum(_DIMS) * inv

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -69,3 +71,23 @@ def flat_norm(tensors: Sequence[torch.Tensor]) -> float:
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def forward_hooks(modules: Sequence[tuple[str, nn.Module]], hook: Callable[..., object], *,
+                  pre: bool = False) -> Iterator[None]:
+    """Call ``hook(name, module, args)`` (``pre=True``) or ``hook(name, module, args, output)`` on each module's
+    forward while the block runs; a forward hook's non-None return replaces the output, as in torch.
+
+    The hooks are removed on exit even when the forward raises, so a failing probe never leaves the model
+    instrumented for the training steps that follow.
+    """
+    handles = []
+    try:
+        for name, module in modules:
+            bound = functools.partial(hook, name)
+            handles.append(module.register_forward_pre_hook(bound) if pre else module.register_forward_hook(bound))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,147 @@
+"""Loss landscape along the gradient (Santurkar et al. 2018, §3.2 and App. A.2.2).
+
+At θ with gradient g = ∇L(θ) on the step's batch, the probe walks θ − η g for step sizes η log-spaced in
+[lo, hi] × the current learning rate and records how much the loss changes (loss variation), how much the
+gradient changes (gradient predictiveness) and the largest ‖∇L(θ) − ∇L(θ − η g)‖ / ‖η g‖ (effective
+β-smoothness). The helpers here (step-size grid, moving θ along a direction, replaying the RNG) are shared
+with :mod:`normzoo_probes.step_loss`, which walks the same line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from normzoo.errors import SpecError
+from normzoo.probe import Probe, ProbeContext, Values, preserved_state
+from normzoo_probes.common import batch_loss, flat_norm, gradients, trainable
+from normzoo_probes.hessian import seeded_generator
+
+
+def check_grid(probe: str, steps: int, lo: float, hi: float) -> None:
+    """Reject a step-size grid that cannot be log-spaced (raised at construction, i.e. when the spec is parsed)."""
+    if steps < 1:
+        raise SpecError(f"{probe}: steps must be ≥ 1, got {steps}")
+    if not (0 < lo <= hi < math.inf):
+        raise SpecError(f"{probe}: need 0 < lo ≤ hi < inf, got lo={lo}, hi={hi}")
+
+
+def step_sizes(lr: float, steps: int, lo: float, hi: float) -> list[float]:
+    """``steps`` step sizes log-spaced from lo·lr to hi·lr (just lo·lr when steps is 1).
+
+    Relative to the current lr because the paper asks what would happen for steps around the one training takes.
+    """
+    if steps == 1:
+        return [lo * lr]
+    return [lr * lo * (hi / lo) ** (i / (steps - 1)) for i in range(steps)]
+
+
+def rng_rewinder() -> Callable[[], None]:
+    """A function that puts the global RNG back to its state now.
+
+    Called before each loss evaluation so that every point on the line sees the same dropout masks and the same
+    injected noise (noisy-bn): the differences then come from θ alone, not from resampled noise.
+    """
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    return rewind
+
+
+@torch.no_grad()
+def move_to(params: Sequence[torch.Tensor], theta: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
+            eta: float) -> None:
+    """Set the parameters to θ − η·direction in place (from the saved θ, so no error accumulates)."""
+    for p, t, d in zip(params, theta, direction):
+        p.copy_(t).sub_(d, alpha=eta)
+
+
+def loss_and_gradient(ctx: ProbeContext) -> tuple[float, list[torch.Tensor]]:
+    """L and ∇L on the probe's batch at the current parameters (one forward and one backward)."""
+    loss = batch_loss(ctx)
+    grads = gradients(loss, trainable(ctx.model))
+    return float(loss.detach()), [g.detach() for g in grads]
+
+
+def band(values: Sequence[float]) -> tuple[float, float]:
+    """(min, max); NaN if any value is NaN (Python's min/max would silently depend on where the NaN sits)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
+    return min(values), max(values)
+
+
+class LandscapeProbe(Probe):
+    """Loss variation, gradient predictiveness and effective β-smoothness along −∇L.
+
+    One forward+backward at θ and one per step size (k+1 for k step sizes); ``directions`` adds, for
+    comparison, forwards along that many random directions scaled to ‖g‖ (k forwards each). Evaluated in the
+    model's current mode (train mode during training, so BN uses batch statistics as in the paper); θ,
+    buffers, gradients, optimizer state and RNG are restored afterwards.
+    """
+
+    name = "landscape"
+    summary = "loss variation, gradient predictiveness and effective β-smoothness along the gradient"
+    reference = "Santurkar et al. 2018, How Does Batch Normalization Help Optimization?, §3.2 and App. A.2.2"
+
+    def __init__(self, *, steps: int = 8, lo: float = 0.5, hi: float = 4.0, directions: int = 0, seed: int = 0,
+                 **schedule) -> None:
+        super().__init__(**schedule)
+        check_grid(self.name, steps, lo, hi)
+        if directions < 0:
+            raise SpecError(f"{self.name}: directions must be ≥ 0, got {directions}")
+        self.steps, self.lo, self.hi, self.directions, self.seed = steps, lo, hi, directions, seed
+
+    def measure(self, ctx: ProbeContext) -> Values:
+        etas = step_sizes(ctx.lr, self.steps, self.lo, self.hi)
+        with preserved_state(ctx.model, ctx.optimizer):
+            rewind = rng_rewinder()
+            params = trainable(ctx.model)
+            theta = [p.detach().clone() for p in params]
+            loss, grad = loss_and_gradient(ctx)
+            grad_norm = flat_norm(grad)
+            losses, distances = [], []
+            for eta in etas:
+                move_to(params, theta, grad, eta)
+                rewind()
+                loss_eta, grad_eta = loss_and_gradient(ctx)
+                losses.append(loss_eta)
+                distances.append(flat_norm([a - b for a, b in zip(grad, grad_eta)]))
+            values = self._summarise(loss, grad_norm, etas, losses, distances)
+            if self.directions:
+                values |= self._random_band(ctx, params, theta, grad_norm, etas, rewind)
+        return values
+
+    @staticmethod
+    def _summarise(loss: float, grad_norm: float, etas: list[float], losses: list[float],
+                   distances: list[float]) -> Values:
+        # β is undefined where the step is zero (g = 0 or lr = 0): NaN then, rather than a made-up number.
+        ratios = [d / (eta * grad_norm) for d, eta in zip(distances, etas) if eta * grad_norm > 0]
+        loss_min, loss_max = band(losses)
+        dist_min, dist_max = band(distances)
+        return {"loss": loss, "grad_norm": grad_norm, "step_sizes": etas, "losses": losses,
+                "grad_distances": distances, "loss_min": loss_min, "loss_max": loss_max,
+                "grad_dist_min": dist_min, "grad_dist_max": dist_max,
+                "beta": max(ratios) if ratios else math.nan}
+
+    def _random_band(self, ctx: ProbeContext, params: list[torch.nn.Parameter], theta: list[torch.Tensor],
+                     grad_norm: float, etas: list[float], rewind: Callable[[], None]) -> Values:
+        """Loss band along random directions of norm ‖g‖: the baseline the gradient direction is compared to."""
+        gen = seeded_generator(self.seed, ctx.step, theta[0].device)
+        losses = []
+        for _ in range(self.directions):
+            direction = [torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype) for t in theta]
+            scale = grad_norm / max(flat_norm(direction), 1e-30)
+            for eta in etas:
+                move_to(params, theta, direction, eta * scale)
+                rewind()
+                with torch.no_grad():
+                    losses.append(float(batch_loss(ctx)))
+        low, high = band(losses)
+        return {"random_loss_min": low, "random_loss_max": high}

@@ -1,0 +1,52 @@
+"""Relative loss after one SGD step vs step size (Bjorck et al. 2018, "Understanding Batch Normalization").
+
+Bjorck et al. show that normalized networks tolerate, and gain from, much larger steps: the loss after one step
+along −g keeps falling for step sizes where the unnormalized network's loss blows up. The probe records
+L(θ − η g) / L(θ) for η log-spaced in [lo, hi] × the current lr, on the batch the step trains on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from normzoo.probe import Probe, ProbeContext, Values, preserved_state
+from normzoo_probes.common import batch_loss, trainable
+from normzoo_probes.landscape import check_grid, loss_and_gradient, move_to, rng_rewinder, step_sizes
+
+
+class StepLossProbe(Probe):
+    """L(θ − η g) / L(θ) per step size, and the step size with the lowest loss.
+
+    One forward+backward at θ, then one forward per step size. Ratios are NaN when L(θ) = 0 (nothing to be
+    relative to); the best step size is NaN only if every loss is NaN.
+    """
+
+    name = "step-loss"
+    summary = "relative loss L(θ − ηg)/L(θ) after one gradient step, per step size"
+    reference = "Bjorck et al. 2018, Understanding Batch Normalization, §2"
+
+    def __init__(self, *, steps: int = 9, lo: float = 0.1, hi: float = 10.0, **schedule) -> None:
+        super().__init__(**schedule)
+        check_grid(self.name, steps, lo, hi)
+        self.steps, self.lo, self.hi = steps, lo, hi
+
+    def measure(self, ctx: ProbeContext) -> Values:
+        etas = step_sizes(ctx.lr, self.steps, self.lo, self.hi)
+        with preserved_state(ctx.model, ctx.optimizer):
+            rewind = rng_rewinder()
+            params = trainable(ctx.model)
+            theta = [p.detach().clone() for p in params]
+            loss, grad = loss_and_gradient(ctx)
+            losses = []
+            for eta in etas:
+                move_to(params, theta, grad, eta)
+                rewind()
+                with torch.no_grad():
+                    losses.append(float(batch_loss(ctx)))
+        ratios = [new / loss if loss != 0 else math.nan for new in losses]
+        finite = [(value, eta) for value, eta in zip(losses, etas) if not math.isnan(value)]
+        best_loss, best_eta = min(finite) if finite else (math.nan, math.nan)
+        return {"loss": loss, "step_sizes": etas, "losses": losses, "ratios": ratios,
+                "best_step_size": best_eta, "best_ratio": best_loss / loss if loss != 0 else math.nan}
