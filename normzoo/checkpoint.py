@@ -12,7 +12,6 @@ Files hold tensors and JSON only; nothing is ever deserialized into Python objec
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -22,8 +21,8 @@ import torch
 from torch import nn
 
 from normzoo.errors import NormzooError
-from normzoo.io import (header_metadata, load_safetensors, pack, prepare_tensors, read_safetensors_header,
-                        save_safetensors, tensors_digest, to_json, unpack)
+from normzoo.io import (header_metadata, load_safetensors, pack, parse_normzoo_metadata, prepare_tensors,
+                        read_safetensors_header, save_safetensors, tensors_digest, to_json, unpack)
 
 FORMAT = "normzoo-checkpoint"
 FORMAT_VERSION = 1
@@ -186,30 +185,12 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, info: Map
 
 # -- reading ---------------------------------------------------------------------------------------------------
 def _parse_metadata(header: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    raw = header_metadata(header).get(METADATA_KEY)
-    if raw is None:
-        raise NormzooError(f"checkpoint {path} is a safetensors file without normzoo metadata (not written by "
-                           "normzoo.save_checkpoint), so the model cannot be rebuilt from it")
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise NormzooError(f"checkpoint {path} is corrupt: its normzoo metadata is not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        kind = meta.get("format") if isinstance(meta, dict) else None
-        hint = " (it is a training-state file; use normzoo.state.load_training_state)" \
-            if kind == "normzoo-training-state" else ""
-        raise NormzooError(f"{path} is not a normzoo model checkpoint{hint}")
-    try:
-        version = int(meta.get("format_version", 0))
-    except (TypeError, ValueError):
-        version = -1
-    if version > FORMAT_VERSION:
-        raise NormzooError(f"checkpoint {path} has format version {version}, newer than this normzoo reads "
-                           f"({FORMAT_VERSION}); upgrade normzoo")
+    meta = parse_normzoo_metadata(header_metadata(header), path, fmt=FORMAT, max_version=FORMAT_VERSION,
+                                  key=METADATA_KEY)
     missing = [k for k in CONFIG_KEYS if k not in meta]
-    if missing or version < 1:
+    if missing:
         raise NormzooError(f"checkpoint {path} is corrupt: its normzoo metadata lacks "
-                           f"{', '.join(missing) or 'a valid format_version'}")
+                           f"{', '.join(missing)}")
     bad = [k for k in ("backbone", "norm") if not isinstance(meta[k], str) or not meta[k].strip()]
     bad += [k for k in ("num_classes", "in_chans")
             if isinstance(meta[k], bool) or not isinstance(meta[k], int) or meta[k] < 1]

@@ -246,6 +246,47 @@ def header_metadata(header: Mapping[str, Any]) -> dict[str, str]:
     return dict(header.get("__metadata__", {}))
 
 
+# What each normzoo file format is called in messages, and how to read it (for a file of the other kind).
+FORMAT_NAMES = {
+    "normzoo-checkpoint": ("normzoo model checkpoint", "normzoo.load_checkpoint"),
+    "normzoo-training-state": ("normzoo training-state file", "normzoo.state.load_training_state"),
+}
+
+
+def parse_normzoo_metadata(metadata: Mapping[str, str], path: Path, *, fmt: str, max_version: int,
+                           key: str = "normzoo") -> dict[str, Any]:
+    """The JSON envelope every normzoo safetensors file carries under ``key``, checked to be of format ``fmt``.
+
+    Returns the decoded dict with an integer ``format_version`` in ``[1, max_version]``; anything else is one
+    clear :class:`NormzooError` (no metadata, invalid JSON, the other normzoo format, a newer version).
+    """
+    name, reader = FORMAT_NAMES[fmt]
+    raw = metadata.get(key)
+    if raw is None:
+        raise NormzooError(f"{path} is a safetensors file without normzoo metadata (not written by normzoo), "
+                           f"so it is not a {name}")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise NormzooError(f"{path} is corrupt: its normzoo metadata is not valid JSON") from None
+    kind = meta.get("format") if isinstance(meta, dict) else None
+    if kind != fmt:
+        other = FORMAT_NAMES.get(kind) if isinstance(kind, str) else None
+        hint = f" (it is a {other[0]}; use {other[1]})" if other else ""
+        raise NormzooError(f"{path} is not a {name}{hint}")
+    try:
+        version = int(meta.get("format_version", 0))
+    except (TypeError, ValueError):
+        version = 0
+    if version > max_version:
+        raise NormzooError(f"{path} has {name} format version {version}, newer than this normzoo reads "
+                           f"({max_version}); upgrade normzoo")
+    if version < 1:
+        raise NormzooError(f"{path} is corrupt: its normzoo metadata lacks a valid format_version")
+    meta["format_version"] = version
+    return meta
+
+
 def load_safetensors(path: str | os.PathLike[str], *, what: str = "file") -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, on the CPU; validated first (see :func:`read_safetensors_header`)."""
     from safetensors import SafetensorError

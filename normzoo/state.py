@@ -9,7 +9,6 @@ non-finite floats exact. Loading a state into a fresh optimizer and continuing g
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Mapping
@@ -19,8 +18,8 @@ from typing import Any
 import torch
 
 from normzoo.errors import NormzooError
-from normzoo.io import (header_metadata, load_safetensors, pack, prepare_tensors, read_safetensors_header,
-                        save_safetensors, tensors_digest, to_json, unpack)
+from normzoo.io import (header_metadata, load_safetensors, pack, parse_normzoo_metadata, prepare_tensors,
+                        read_safetensors_header, save_safetensors, tensors_digest, to_json, unpack)
 
 FORMAT = "normzoo-training-state"
 FORMAT_VERSION = 1
@@ -145,22 +144,7 @@ def read_training_state_info(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _parse_meta(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
-    raw = metadata.get(METADATA_KEY)
-    if raw is None:
-        raise NormzooError(f"training state {path} is a safetensors file without normzoo metadata "
-                           "(not written by normzoo.state.save_training_state)")
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise NormzooError(f"training state {path} is corrupt: its normzoo metadata is not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        kind = meta.get("format") if isinstance(meta, dict) else None
-        hint = " (it is a model checkpoint; use load_checkpoint)" if kind == "normzoo-checkpoint" else ""
-        raise NormzooError(f"{path} is not a normzoo training-state file{hint}")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise NormzooError(f"training state {path} has format version {meta['format_version']}, newer than this "
-                           f"normzoo ({_version()}) reads ({FORMAT_VERSION}); upgrade normzoo")
-    return meta
+    return parse_normzoo_metadata(metadata, path, fmt=FORMAT, max_version=FORMAT_VERSION, key=METADATA_KEY)
 
 
 def load_training_state(path: str | os.PathLike[str], optimizer: torch.optim.Optimizer | None, *,
