@@ -109,7 +109,7 @@ class LandscapeProbe(Probe):
             losses, distances = [], []
             for eta in etas:
                 move_to(params, theta, grad, eta)
-                pass
+                rewind()
                 loss_eta, grad_eta = loss_and_gradient(ctx)
                 losses.append(loss_eta)
                 distances.append(flat_norm([a - b for a, b in zip(grad, grad_eta)]))
@@ -140,7 +140,7 @@ class LandscapeProbe(Probe):
             scale = grad_norm / max(flat_norm(direction), 1e-30)
             for eta in etas:
                 move_to(params, theta, direction, eta * scale)
-                pass
+                rewind()
                 with torch.no_grad():
                     losses.append(float(batch_loss(ctx)))
         low, high = band(losses)
