@@ -57,7 +57,7 @@ class Param:
             if math.isnan(value):
                 raise SpecError(f"{where} must not be nan")
             return value
-        if not raw:
+        if not raw and self.default != "":  # an empty default means "none", so it must round-trip
             raise SpecError(f"{where} must not be empty")
         return raw
 

@@ -104,6 +104,14 @@ def test_probes_listing_shows_parameters():
     assert {"steps", "every", "at", "init", "log"} <= params
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_probe_spec_canonical_form_round_trips(name):
+    probes = registry("probes")
+    spec = probes.parse(f"{name}:every=7")
+    assert probes.parse(spec.canonical()) == spec
+    assert probes.build(spec.canonical()).every == 7
+
+
 def test_bad_probe_spec_is_one_line(tmp_path):
     out = CliRunner().invoke(cli, ["run", "--probe", "landscap:every=2", "--dataset", "synthetic", "--steps", "1",
                                    "--out", str(tmp_path)])

@@ -54,8 +54,11 @@ def own_params(module: nn.Module) -> list[nn.Parameter]:
 
 
 def batch_loss(ctx: ProbeContext) -> torch.Tensor:
-    """The training loss on the probe's batch, in the model's current mode (float32 output)."""
-    return ctx.loss_fn(ctx.model(ctx.inputs).float(), ctx.targets)
+    """The training loss on the probe's batch, in the model's current mode (half outputs upcast to float32)."""
+    out = ctx.model(ctx.inputs)
+    if out.dtype in (torch.float16, torch.bfloat16):
+        out = out.float()
+    return ctx.loss_fn(out, ctx.targets)
 
 
 def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:
@@ -91,3 +94,29 @@ def forward_hooks(modules: Sequence[tuple[str, nn.Module]], hook: Callable[..., 
     finally:
         for handle in handles:
             handle.remove()
+
+
+def rng_rewinder() -> Callable[[], None]:
+    """A function that puts the global RNG back to its state now.
+
+    Called before each loss evaluation so that every point on the line sees the same dropout masks and the same
+    injected noise (noisy-bn): the differences then come from θ alone, not from resampled noise.
+    """
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    return rewind
+
+
+def seeded_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """A private generator for the probe's random vectors, so the global RNG (and thus training) is untouched.
+
+    Seeded from (seed, step): reproducible for a given run, but fresh vectors at each step, so estimation errors
+    at different steps are independent rather than one bias repeated along the curve.
+    """
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)

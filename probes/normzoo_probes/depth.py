@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from normzoo.probe import Probe, ProbeContext, Values, preserved_state
-from normzoo_probes.common import batch_loss, flat_norm, forward_hooks, gradients, own_params, tracked_layers, \
-    trainable
+from normzoo_probes.common import (batch_loss, flat_norm, forward_hooks, gradients, own_params, tracked_layers,
+                                  trainable)
 
 
 class GradNormsProbe(Probe):

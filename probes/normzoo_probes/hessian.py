@@ -14,18 +14,9 @@ import torch
 
 from normzoo.errors import SpecError
 from normzoo.probe import Probe, ProbeContext, Values, preserved_state
-from normzoo_probes.common import batch_loss, gradients, trainable
+from normzoo_probes.common import batch_loss, gradients, seeded_generator, trainable
 
 Vectors = list[torch.Tensor]
-
-
-def seeded_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """A private generator for the probe's random vectors, so the global RNG (and thus training) is untouched.
-
-    Seeded from (seed, step): reproducible for a given run, but fresh vectors at each step, so estimation errors
-    at different steps are independent rather than one bias repeated along the curve.
-    """
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
 def hvp_operator(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> Callable[[Vectors], Vectors]:

@@ -34,8 +34,8 @@ from torch import nn
 
 from normzoo.errors import SpecError
 from normzoo.probe import Probe, ProbeContext, Values, preserved_state
-from normzoo_probes.common import batch_loss, forward_hooks, gradients, own_params, tracked_layers
-from normzoo_probes.landscape import rng_rewinder
+from normzoo_probes.common import (batch_loss, forward_hooks, gradients, own_params, rng_rewinder,
+                                   tracked_layers)
 
 MOVES = ("upstream", "tracked")
 

@@ -16,8 +16,7 @@ import torch
 
 from normzoo.errors import SpecError
 from normzoo.probe import Probe, ProbeContext, Values, preserved_state
-from normzoo_probes.common import batch_loss, flat_norm, gradients, trainable
-from normzoo_probes.hessian import seeded_generator
+from normzoo_probes.common import batch_loss, flat_norm, gradients, rng_rewinder, seeded_generator, trainable
 
 
 def check_grid(probe: str, steps: int, lo: float, hi: float) -> None:
@@ -36,23 +35,6 @@ def step_sizes(lr: float, steps: int, lo: float, hi: float) -> list[float]:
     if steps == 1:
         return [lo * lr]
     return [lr * lo * (hi / lo) ** (i / (steps - 1)) for i in range(steps)]
-
-
-def rng_rewinder() -> Callable[[], None]:
-    """A function that puts the global RNG back to its state now.
-
-    Called before each loss evaluation so that every point on the line sees the same dropout masks and the same
-    injected noise (noisy-bn): the differences then come from θ alone, not from resampled noise.
-    """
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-
-    def rewind() -> None:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-    return rewind
 
 
 @torch.no_grad()

@@ -12,8 +12,8 @@ import math
 import torch
 
 from normzoo.probe import Probe, ProbeContext, Values, preserved_state
-from normzoo_probes.common import batch_loss, trainable
-from normzoo_probes.landscape import check_grid, loss_and_gradient, move_to, rng_rewinder, step_sizes
+from normzoo_probes.common import batch_loss, rng_rewinder, trainable
+from normzoo_probes.landscape import check_grid, loss_and_gradient, move_to, step_sizes
 
 
 class StepLossProbe(Probe):
