@@ -4,7 +4,8 @@ Santurkar et al. ask whether BatchNorm's benefit comes from keeping each layer's
 probe records, at the input and output of each normalization layer, the mean and variance of the activations on
 the step's batch, and how far they moved since the probe's previous measurement.
 
-- Statistics are per layer over every element (batch, positions and channels), population variance, float64.
+- Statistics are per layer over every element (batch, positions and channels), population variance, reduced in
+  the activation's precision (float32 at least) and kept in float64.
 - Drift is measured per channel, where a distribution shift shows (channels moving in opposite directions cancel
   in a layer-wide mean): ``*_drift_mean`` = mean over channels of |µ_c(t) − µ_c(t_prev)|, ``*_drift_var`` = mean
   over channels of |σ²_c(t) − σ²_c(t_prev)|, t_prev being the previous measurement (``drift_from``). The first
@@ -38,9 +39,13 @@ class ChannelStats:
 
     @classmethod
     def of(cls, x: torch.Tensor, channel_dim: int) -> ChannelStats:
-        x = x.detach().double().movedim(channel_dim, 0).flatten(1)
-        var, mean = torch.var_mean(x, dim=1, correction=0)
-        return cls(mean.cpu(), var.cpu())
+        # Reduced in place over the non-channel axes (no float64 copy of the activation: that would cost as much
+        # as the forward pass); half precision is upcast, the per-channel results are kept in float64.
+        x = x.detach()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != channel_dim], correction=0)
+        return cls(mean.double().cpu(), var.double().cpu())
 
     def layer_mean(self) -> float:
         return float(self.mean.mean())

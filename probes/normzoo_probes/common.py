@@ -68,8 +68,12 @@ def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: 
 
 
 def flat_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """ℓ2 norm of several tensors seen as one vector (float64 accumulation)."""
-    return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors)))
+    """ℓ2 norm of several tensors seen as one vector: per-tensor norms in one fused call (as
+    ``clip_grad_norm_`` does), combined in float64."""
+    if not tensors:
+        return 0.0
+    norms = torch._foreach_norm([t.detach() for t in tensors])
+    return float(torch.linalg.vector_norm(torch.stack([n.double() for n in norms])))
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -94,7 +94,7 @@ class LandscapeProbe(Probe):
                 rewind()
                 loss_eta, grad_eta = loss_and_gradient(ctx)
                 losses.append(loss_eta)
-                distances.append(flat_norm([a - b for a, b in zip(grad, grad_eta)]))
+                distances.append(flat_norm(torch._foreach_sub(grad, grad_eta)))
             values = self._summarise(loss, grad_norm, etas, losses, distances)
             if self.directions:
                 values |= self._random_band(ctx, params, theta, grad_norm, etas, rewind)
