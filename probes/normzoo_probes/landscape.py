@@ -59,6 +59,29 @@ def band(values: Sequence[float]) -> tuple[float, float]:
     return min(values), max(values)
 
 
+class GradientWalk:
+    """L and g = ∇L at θ on the probe's batch, then L (and ∇L) at θ − η·g for any η.
+
+    Every evaluation starts from the saved θ and the same RNG state (same dropout masks and noisy-bn noise), so
+    the differences come from the step alone. The caller restores θ (:func:`preserved_state`).
+    """
+
+    def __init__(self, ctx: ProbeContext) -> None:
+        self.ctx = ctx
+        self.rewind = rng_rewinder()
+        self.params = trainable(ctx.model)
+        self.theta = [p.detach().clone() for p in self.params]
+        self.loss, self.grad = loss_and_gradient(ctx)
+
+    def evaluate_at(self, eta: float, *, with_gradient: bool) -> tuple[float, list[torch.Tensor] | None]:
+        move_to(self.params, self.theta, self.grad, eta)
+        self.rewind()
+        if with_gradient:
+            return loss_and_gradient(self.ctx)
+        with torch.no_grad():
+            return float(batch_loss(self.ctx)), None
+
+
 class LandscapeProbe(Probe):
     """Loss variation, gradient predictiveness and effective β-smoothness along −∇L.
 
@@ -83,21 +106,16 @@ class LandscapeProbe(Probe):
     def measure(self, ctx: ProbeContext) -> Values:
         etas = step_sizes(ctx.lr, self.steps, self.lo, self.hi)
         with preserved_state(ctx.model, ctx.optimizer):
-            rewind = rng_rewinder()
-            params = trainable(ctx.model)
-            theta = [p.detach().clone() for p in params]
-            loss, grad = loss_and_gradient(ctx)
-            grad_norm = flat_norm(grad)
+            walk = GradientWalk(ctx)
             losses, distances = [], []
             for eta in etas:
-                move_to(params, theta, grad, eta)
-                rewind()
-                loss_eta, grad_eta = loss_and_gradient(ctx)
+                loss_eta, grad_eta = walk.evaluate_at(eta, with_gradient=True)
                 losses.append(loss_eta)
-                distances.append(flat_norm(torch._foreach_sub(grad, grad_eta)))
-            values = self._summarise(loss, grad_norm, etas, losses, distances)
+                distances.append(flat_norm(torch._foreach_sub(walk.grad, grad_eta)))
+            grad_norm = flat_norm(walk.grad)
+            values = self._summarise(walk.loss, grad_norm, etas, losses, distances)
             if self.directions:
-                values |= self._random_band(ctx, params, theta, grad_norm, etas, rewind)
+                values |= self._random_band(ctx, walk.params, walk.theta, grad_norm, etas, walk.rewind)
         return values
 
     @staticmethod

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from normzoo.probe import Probe, ProbeContext, Values, preserved_state
-from normzoo_probes.common import batch_loss, rng_rewinder, trainable
-from normzoo_probes.landscape import check_grid, loss_and_gradient, move_to, step_sizes
+from normzoo_probes.landscape import GradientWalk, check_grid, step_sizes
 
 
 class StepLossProbe(Probe):
@@ -35,16 +32,9 @@ class StepLossProbe(Probe):
     def measure(self, ctx: ProbeContext) -> Values:
         etas = step_sizes(ctx.lr, self.steps, self.lo, self.hi)
         with preserved_state(ctx.model, ctx.optimizer):
-            rewind = rng_rewinder()
-            params = trainable(ctx.model)
-            theta = [p.detach().clone() for p in params]
-            loss, grad = loss_and_gradient(ctx)
-            losses = []
-            for eta in etas:
-                move_to(params, theta, grad, eta)
-                rewind()
-                with torch.no_grad():
-                    losses.append(float(batch_loss(ctx)))
+            walk = GradientWalk(ctx)
+            losses = [walk.evaluate_at(eta, with_gradient=False)[0] for eta in etas]
+        loss = walk.loss
         ratios = [new / loss if loss != 0 else math.nan for new in losses]
         finite = [(value, eta) for value, eta in zip(losses, etas) if not math.isnan(value)]
         best_loss, best_eta = min(finite) if finite else (math.nan, math.nan)
