@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from normzoo.config import RunConfig
 from normzoo.data import load_dataset
 from normzoo.models import build_model
+from normzoo.rundir import RunDir
 from normzoo.runner import Trainer, batch_indices
 
 
@@ -65,14 +66,8 @@ def normzoo_loop(backbone: str, norm: str, dataset: str, steps: int, batch_size:
                        schedule="constant")
     result = Trainer(config, quiet=True).fit()
     # The second window excludes the warm-up the first window paid for (compilation included).
-    windows = [r for r in _records(result.run_dir) if r["type"] == "train"]
+    windows = [r for r in RunDir(result.run_dir).read_log() if r["type"] == "train"]
     return windows[-1]["images_per_s"]
-
-
-def _records(run_dir):
-    import json
-
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def sync(device: torch.device) -> None:

@@ -28,7 +28,6 @@ FORMAT = "normzoo-checkpoint"
 FORMAT_VERSION = 1
 METADATA_KEY = "normzoo"
 CONFIG_KEYS = ("backbone", "norm", "num_classes", "in_chans")
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's OptimizedModule, DDP / DataParallel
 # Keys save_checkpoint computes itself; ``info`` may repeat them only with the same value.
 RESERVED_KEYS = frozenset({"format", "format_version", "normzoo_version", "torch_version", *CONFIG_KEYS,
                            "norm_plugin", "backbone_plugin", "plugin_versions", "tensors_sha256", "aliases",

@@ -260,7 +260,7 @@ def parse_normzoo_metadata(metadata: Mapping[str, str], path: Path, *, fmt: str,
     Returns the decoded dict with an integer ``format_version`` in ``[1, max_version]``; anything else is one
     clear :class:`NormzooError` (no metadata, invalid JSON, the other normzoo format, a newer version).
     """
-    name, reader = FORMAT_NAMES[fmt]
+    name = FORMAT_NAMES[fmt][0]
     raw = metadata.get(key)
     if raw is None:
         raise NormzooError(f"{path} is a safetensors file without normzoo metadata (not written by normzoo), "

@@ -140,11 +140,8 @@ def save_training_state(path: str | os.PathLike[str], optimizer: torch.optim.Opt
 def read_training_state_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON part of a training-state file (header only, no tensors loaded)."""
     header = read_safetensors_header(path, what="training state")
-    return _parse_meta(header_metadata(header), Path(path))
-
-
-def _parse_meta(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
-    return parse_normzoo_metadata(metadata, path, fmt=FORMAT, max_version=FORMAT_VERSION, key=METADATA_KEY)
+    return parse_normzoo_metadata(header_metadata(header), Path(path), fmt=FORMAT, max_version=FORMAT_VERSION,
+                                  key=METADATA_KEY)
 
 
 def load_training_state(path: str | os.PathLike[str], optimizer: torch.optim.Optimizer | None, *,
