@@ -161,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 import normzoo.cli_run  # noqa: E402,F401  (registers run/eval/inspect on the group; imports no torch)
+import normzoo.cli_sweep  # noqa: E402,F401  (sweep/report)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

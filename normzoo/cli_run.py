@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -28,40 +30,75 @@ def _defaults() -> Any:
 D = _defaults()
 
 
+@dataclass(frozen=True)
+class RunOption:
+    """One ``normzoo run`` option; ``normzoo sweep`` builds a comma-list version of the same option from it."""
+
+    flag: str  # "--batch-size"
+    type: Any  # a click type; "bool" for --x/--no-x switches
+    help: str
+
+    @property
+    def field(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+RUN_OPTIONS = [
+    RunOption("--backbone", str, f"Backbone spec (see 'normzoo backbones').  [default: {D.backbone}]"),
+    RunOption("--norm", str, f"Norm spec (see 'normzoo norms').  [default: {D.norm}]"),
+    RunOption("--dataset", str, f"Dataset spec (see 'normzoo datasets').  [default: {D.dataset}]"),
+    RunOption("--data-dir", str,
+              "Where datasets are found or downloaded.  [default: $NORMZOO_DATA or ~/.cache/normzoo]"),
+    RunOption("--steps", click.IntRange(1), "Optimizer steps (default: 1 epoch unless --epochs)."),
+    RunOption("--epochs", click.FloatRange(0, min_open=True), "Epochs instead of --steps."),
+    RunOption("--batch-size", click.IntRange(1), f"[default: {D.batch_size}]"),
+    RunOption("--lr", click.FloatRange(0), f"Peak learning rate.  [default: {D.lr}]"),
+    RunOption("--momentum", click.FloatRange(0, 1), f"SGD momentum.  [default: {D.momentum}]"),
+    RunOption("--weight-decay", click.FloatRange(0), f"[default: {D.weight_decay}]"),
+    RunOption("--optimizer", click.Choice(["sgd", "adam"]), f"[default: {D.optimizer}]"),
+    RunOption("--schedule", click.Choice(["constant", "cosine", "step"]),
+              f"Learning-rate schedule (step: ×0.1 at 50% and 75%).  [default: {D.schedule}]"),
+    RunOption("--augment", "bool", "Random crop + flip on the device (off by default, as in the paper)."),
+    RunOption("--seed", int, f"[default: {D.seed}]"),
+    RunOption("--device", str, "auto, cpu, cuda or cuda:N.  [default: auto]"),
+    RunOption("--amp", click.Choice(["auto", "bf16", "fp16", "off"]),
+              "Mixed precision.  [default: auto = bf16 on CUDA, off on CPU]"),
+    RunOption("--channels-last", "bool", "[default: on for CUDA, off on CPU]"),
+    RunOption("--compile", str,
+              "torch.compile the model; optional mode: default, reduce-overhead (CUDA graphs), max-autotune."),
+    RunOption("--preset", str, "Named settings, e.g. santurkar2018 (explicit options still win)."),
+    RunOption("--log-every", click.IntRange(1), f"Steps per logged training record.  [default: {D.log_every}]"),
+    RunOption("--eval-every", click.IntRange(1), "Steps between test evaluations.  [default: once per epoch]"),
+    RunOption("--divergence-factor", click.FloatRange(1, min_open=True),
+              f"Stop as diverged when the loss exceeds this multiple of the first loss.  "
+              f"[default: {D.divergence_factor:g}]"),
+]
+
+
+def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``run`` options as click decorators (``--compile`` alone may be given without a mode)."""
+    for option in reversed(RUN_OPTIONS):
+        if option.type == "bool":
+            name = option.flag.removeprefix("--")
+            decorator = click.option(f"--{name}/--no-{name}", default=None, help=option.help)
+        elif option.flag == "--compile":
+            decorator = click.option("--compile", "compile", is_flag=False, flag_value="default", default=None,
+                                     help=option.help)
+        else:
+            decorator = click.option(option.flag, type=option.type, help=option.help)
+        command = decorator(command)
+    return command
+
+
 @cli.command(epilog=RUN_EPILOG)
-@click.option("--backbone", help=f"Backbone spec (see 'normzoo backbones').  [default: {D.backbone}]")
-@click.option("--norm", help=f"Norm spec (see 'normzoo norms').  [default: {D.norm}]")
-@click.option("--dataset", help=f"Dataset spec (see 'normzoo datasets').  [default: {D.dataset}]")
-@click.option("--data-dir", help="Where datasets are found or downloaded.  [default: $NORMZOO_DATA or ~/.cache/normzoo]")
-@click.option("--steps", type=click.IntRange(1), help="Optimizer steps (default: 1 epoch unless --epochs).")
-@click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Epochs instead of --steps.")
-@click.option("--batch-size", type=click.IntRange(1), help=f"[default: {D.batch_size}]")
-@click.option("--lr", type=click.FloatRange(0), help=f"Peak learning rate.  [default: {D.lr}]")
-@click.option("--momentum", type=click.FloatRange(0, 1), help=f"SGD momentum.  [default: {D.momentum}]")
-@click.option("--weight-decay", type=click.FloatRange(0), help=f"[default: {D.weight_decay}]")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help=f"[default: {D.optimizer}]")
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]),
-              help=f"Learning-rate schedule (step: ×0.1 at 50% and 75%).  [default: {D.schedule}]")
-@click.option("--augment/--no-augment", default=None, help="Random crop + flip on the device (off by default, as in the paper).")
-@click.option("--seed", type=int, help=f"[default: {D.seed}]")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
-@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]),
-              help="Mixed precision.  [default: auto = bf16 on CUDA, off on CPU]")
-@click.option("--channels-last/--no-channels-last", default=None, help="[default: on for CUDA, off on CPU]")
-@click.option("--compile", "compile_mode", is_flag=False, flag_value="default", default=None,
-              help="torch.compile the model; optional mode: default, reduce-overhead (CUDA graphs), max-autotune.")
+@run_options
 @click.option("--probe", "probes", multiple=True, help="Probe spec, repeatable (see 'normzoo probes').")
-@click.option("--preset", help="Named settings, e.g. santurkar2018 (explicit options still win).")
-@click.option("--log-every", type=click.IntRange(1), help=f"Steps per logged training record.  [default: {D.log_every}]")
-@click.option("--eval-every", type=click.IntRange(1), help="Steps between test evaluations.  [default: once per epoch]")
-@click.option("--divergence-factor", type=click.FloatRange(1, min_open=True),
-              help=f"Stop as diverged when the loss exceeds this multiple of the first loss.  [default: {D.divergence_factor:g}]")
 @click.option("--out", help=f"Parent folder of run directories.  [default: {D.out}]")
 @click.option("--run-name", help="Name of the run directory.  [default: <time>-<backbone>-<norm>-s<seed>]")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue a run directory from its last checkpoint.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue a run directory from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table; print only the run directory.")
-def run(resume_dir: str | None, quiet: bool, compile_mode: str | None, probes: tuple[str, ...],
-        **options: Any) -> None:
+def run(resume_dir: str | None, quiet: bool, probes: tuple[str, ...], **options: Any) -> None:
     """Train a backbone with a norm on a dataset into a run directory.
 
     Writes config.json, metrics.jsonl, summary.csv and last/best.safetensors checkpoints. Ctrl-C (or SIGTERM)
@@ -72,8 +109,6 @@ def run(resume_dir: str | None, quiet: bool, compile_mode: str | None, probes: t
     from normzoo.config import RunConfig, apply_preset
 
     explicit = {k: v for k, v in options.items() if v is not None}
-    if compile_mode is not None:
-        explicit["compile"] = compile_mode
     if probes:
         explicit["probes"] = list(probes)
     if resume_dir:
@@ -87,10 +122,10 @@ def run(resume_dir: str | None, quiet: bool, compile_mode: str | None, probes: t
         preset = explicit.pop("preset", None)
         values = apply_preset(preset, explicit) if preset else explicit
         result = runner.train(RunConfig(**values), quiet=quiet)
-    report(result, quiet)
+    print_result(result, quiet)
 
 
-def report(result: Any, quiet: bool) -> None:
+def print_result(result: Any, quiet: bool) -> None:
     s = result.summary
     if quiet:
         click.echo(result.run_dir)

@@ -18,7 +18,8 @@ from normzoo.runner import train
 
 EXPECTED = {"ics", "landscape", "activations", "grad-norms", "depth-scaling", "step-loss", "hessian"}
 # Small settings so that every probe runs in well under a second on a tiny VGG.
-SMALL = {"landscape": "landscape:steps=3", "hessian": "hessian:iters=3,trace_samples=2", "step-loss": "step-loss:steps=3"}
+SMALL = {"landscape": "landscape:steps=3", "hessian": "hessian:iters=3,trace_samples=2",
+         "step-loss": "step-loss:steps=3"}
 
 
 def test_probes_come_from_the_normzoo_probes_distribution():

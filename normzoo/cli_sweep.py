@@ -1,0 +1,135 @@
+"""``normzoo sweep`` and ``normzoo report``: a grid of runs into one folder, and the report on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from normzoo.cli import cli
+from normzoo.cli_run import RUN_OPTIONS, RunOption
+from normzoo.errors import NormzooError
+
+SWEEP_EPILOG = """\b
+Examples:
+  normzoo sweep --norm none,bn,noisy-bn,lp:1,lp:2,lp:inf,gn:32 --lr 0.1,0.5 --seed 0,1,2 \\
+      --preset santurkar2018 --probe landscape:every=100 --out sweeps/santurkar
+  normzoo sweep --norm "bn;lp:1,centered=true" --dataset fashion-mnist-mini --steps 500 --jobs 2 --out sweeps/lp
+  normzoo sweep ... --out sweeps/santurkar --retry-failed     # same command again: skip finished, resume the rest
+  normzoo report sweeps/santurkar
+"""
+SPEC_OPTIONS = {"backbone", "norm", "dataset", "preset"}
+TRUE, FALSE = {"true", "on", "yes", "1"}, {"false", "off", "no", "0"}
+
+
+def parse_values(option: RunOption, texts: tuple[str, ...]) -> list[Any]:
+    """The values of one sweep option: comma lists (specs split by :func:`split_specs`), option repeatable."""
+    from normzoo.sweep import split_specs
+
+    values: list[Any] = []
+    for text in texts:
+        pieces = split_specs(text) if option.field in SPEC_OPTIONS else [p.strip() for p in text.split(",")]
+        for piece in filter(None, pieces):
+            values.append(convert(option, piece))
+    return values
+
+
+def convert(option: RunOption, text: str) -> Any:
+    if option.type == "bool":
+        if text.lower() not in TRUE | FALSE:
+            raise NormzooError(f"{option.flag} takes true or false values, got '{text}'")
+        return text.lower() in TRUE
+    if option.field == "compile" and text.lower() in ("none", "off"):
+        return None
+    try:
+        return click.types.convert_type(option.type).convert(text, None, None)
+    except click.BadParameter as exc:
+        raise NormzooError(f"{option.flag}: {exc.message}") from None
+
+
+def sweep_options(command: Any) -> Any:
+    for option in reversed(RUN_OPTIONS):
+        kind = "true,false" if option.type == "bool" else "LIST"
+        command = click.option(option.flag, option.field, multiple=True, metavar=kind,
+                               help=option.help + " Comma list or repeated.")(command)
+    return command
+
+
+@cli.command(epilog=SWEEP_EPILOG)
+@sweep_options
+@click.option("--probe", "probes", multiple=True, help="Probe spec for every run, repeatable (see 'normzoo probes').")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The sweep folder: one subfolder per run, sweep.json and sweep.csv.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
+              help="Runs at once: one per GPU when several are present, CPU threads split otherwise.")
+@click.option("--retry-failed", is_flag=True, help="Run failed runs again (from their checkpoint when they have one).")
+@click.option("--dry-run", is_flag=True, help="Print the runs and their commands without running anything.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sweep(probes: tuple[str, ...], out: str, jobs: int, retry_failed: bool, dry_run: bool, quiet: bool,
+          **lists: tuple[str, ...]) -> None:
+    """Run the grid of every combination of the listed option values into one folder.
+
+    Every 'normzoo run' option takes a comma list (norm specs keep their ',key=value' parameters; ';' also
+    separates). Each run is its own 'normzoo run' process writing OUT/<option-values>/; sweep.csv gets one row
+    per run (options, state, final and best metrics, probe medians, time). Running the same command again skips
+    finished and diverged runs, resumes interrupted ones from their checkpoint and retries failed ones only with
+    --retry-failed. A run that fails or diverges never stops the sweep; the exit code is 1 if any run failed.
+    Ctrl-C lets every running run save a checkpoint first.
+    """
+    from normzoo.sweep import Sweep, command_text, plan
+
+    options = {o.field: o for o in RUN_OPTIONS}
+    grid = {field: parse_values(options[field], texts) for field, texts in lists.items() if texts}
+    fixed: dict[str, Any] = {"probes": list(probes)} if probes else {}
+    runs = plan(grid, fixed)
+    validate(runs)
+    if dry_run:
+        for run in runs:
+            click.echo(f"{Path(out) / run.name}\n  {command_text(run.command(Path(out)))}")
+        return
+    click.echo(f"sweep of {len(runs)} runs into {out} ({jobs} at a time)")
+    counts = Sweep(runs, out, jobs=jobs, retry_failed=retry_failed, echo=click.echo,
+                   definition={"grid": grid, "fixed": fixed}).execute(progress=not quiet)
+    click.echo(f"{out}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) +
+               f"\nsweep.csv: {Path(out) / 'sweep.csv'}\nreport:    normzoo report {out}")
+    if counts.get("interrupted") or counts.get("started") or counts.get("pending"):
+        click.echo("Stopped; run the same command again to continue.", err=True)
+        raise SystemExit(130)
+    if counts.get("failed"):
+        raise SystemExit(1)
+
+
+def validate(runs: list[Any]) -> None:
+    """Every run's settings and specs are checked before the first run starts."""
+    from normzoo.config import RunConfig, apply_preset
+    from normzoo.plugins import registry
+
+    for run in runs:
+        values = dict(run.options)
+        preset = values.pop("preset", None)
+        config = RunConfig(**(apply_preset(preset, values) if preset else values))
+        config.validate()
+        for kind, spec in [("norms", config.norm), ("backbones", config.backbone), ("datasets", config.dataset),
+                           *[("probes", p) for p in config.probes]]:
+            registry(kind).parse(spec)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--target-acc", type=click.FloatRange(0, 1),
+              help="Training accuracy that defines 'steps to target'.  [default: 80% of the best scheme's final "
+                   "training accuracy, rounded down to 5%]")
+@click.option("--title", help="Report title.  [default: normzoo report: <folder name>]")
+def report(path: str, target_acc: float | None, title: str | None) -> None:
+    """Write report.md, report.html (self-contained) and report-figures/*.png for a run or sweep folder.
+
+    \b
+    Example:
+      normzoo report sweeps/santurkar && xdg-open sweeps/santurkar/report.html
+    """
+    from normzoo.report import write_report
+
+    files = write_report(path, target_acc=target_acc, title=title)
+    click.echo(f"{files.html}\n{files.markdown}\n{len(files.figures)} figures in {files.figures[0].parent}"
+               if files.figures else f"{files.html}\n{files.markdown}")

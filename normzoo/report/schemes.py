@@ -1,0 +1,158 @@
+"""Runs grouped into schemes (same settings, different seeds) and the comparison that answers the question:
+does smoothness (effective β, band widths) go with optimization speed, at equal steps and at equal loss?"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from normzoo.analysis import Run, probe_summaries, spearman, steps_to_accuracy, value_at_loss, varying_fields
+
+# A scheme whose training loss ends above this fraction of its first loss never left its initial plateau.
+PLATEAU_FRACTION = 0.9
+
+
+def short_value(key: str, value: Any) -> str:
+    """A spec with its defaults left out (``lp:inf`` rather than every parameter); other values as they are."""
+    if key in ("norm", "backbone", "dataset") and isinstance(value, str):
+        try:
+            from normzoo.plugins import registry
+
+            return registry({"norm": "norms", "backbone": "backbones", "dataset": "datasets"}[key]).parse(value).short()
+        except Exception:  # a plugin that is not installed here: show the spec as stored
+            return value
+    return str(value)
+
+
+@dataclass
+class Scheme:
+    """The runs (one per seed) of one setting of the varying options."""
+
+    label: str
+    family: str  # the norm as the user would type it; sets the colour
+    runs: list[Run]
+    settings: dict[str, str]
+    context: dict[str, float] = field(default_factory=dict)  # target accuracy and matched loss
+
+    def per_seed(self, key: str) -> dict[int, float]:
+        return {run.seed: run_stats(run, self.context).get(key, math.nan) for run in self.runs}
+
+    def mean(self, key: str) -> float:
+        return _nanmean(self.per_seed(key).values())
+
+    def spread(self, key: str) -> float:
+        values = [v for v in self.per_seed(key).values() if math.isfinite(v)]
+        return float(np.std(values)) if len(values) > 1 else math.nan
+
+    @property
+    def plateaued(self) -> bool:
+        """On average over seeds, the last logged training loss is still ≥ PLATEAU_FRACTION of the first."""
+        ratios = [_loss_ratio(run) for run in self.runs]
+        ratios = [r for r in ratios if math.isfinite(r)]
+        return bool(ratios) and float(np.mean(ratios)) >= PLATEAU_FRACTION
+
+
+def _nanmean(values: Any) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else (math.inf if any(v == math.inf for v in values) else math.nan)
+
+
+def _loss_ratio(run: Run) -> float:
+    """Last logged training loss over the first (NaN for a run with fewer than two records or a diverged one)."""
+    if len(run.train) < 2 or run.status == "diverged":
+        return math.nan
+    first, last = run.train[0].get("loss"), run.train[-1].get("loss")
+    return last / first if _finite(first) and _finite(last) and first > 0 else math.nan
+
+
+def group_schemes(runs: Sequence[Run]) -> list[Scheme]:
+    """One scheme per distinct setting of the fields that vary (seed aside), in first-seen order."""
+    fields = varying_fields(runs) or ["norm"]
+    schemes: dict[tuple[str, ...], Scheme] = {}
+    for run in runs:
+        settings = {k: short_value(k, run.config.get(k)) for k in fields}
+        key = tuple(settings.values())
+        if key not in schemes:
+            label = " ".join(v if k == "norm" else f"{k}={v}" for k, v in settings.items())
+            family = short_value("norm", run.config.get("norm"))
+            schemes[key] = Scheme(label, family, [], settings)
+        schemes[key].runs.append(run)
+    return list(schemes.values())
+
+
+def run_stats(run: Run, context: dict[str, float]) -> dict[str, float]:
+    """The numbers of one run the comparison uses; ``context`` holds the target accuracy and matched loss."""
+    landscape = run.probes.get("landscape", [])
+    summary = probe_summaries(run.probes)
+    acc_target, loss_level = context.get("target_acc", math.nan), context.get("matched_loss", math.nan)
+    return {
+        "train_loss": run.final("train_loss"), "train_acc": run.final("train_acc"),
+        "test_acc": run.final("test_acc"),
+        "steps_to_target": steps_to_accuracy(run, acc_target) if math.isfinite(acc_target) else math.nan,
+        "beta": summary.get("landscape_beta_median", math.nan),
+        "loss_band": summary.get("landscape_loss_band_median", math.nan),
+        "grad_band": summary.get("landscape_grad_band_median", math.nan),
+        "beta_matched": value_at_loss(landscape, "beta", loss_level) if math.isfinite(loss_level) else math.nan,
+        "hessian": summary.get("hessian_eigenvalue_median", math.nan),
+        "ics_l2": summary.get("ics_l2_median", math.nan), "ics_cos": summary.get("ics_cos_median", math.nan),
+    }
+
+
+def choose_targets(schemes: Sequence[Scheme], target_acc: float | None) -> dict[str, float]:
+    """The target training accuracy (default: 80 % of the best scheme's final one, down to a multiple of 5 %)
+    and the matched loss: the lowest probe-batch loss that every scheme that trained reaches."""
+    finals = [s.mean("train_acc") for s in schemes]
+    finals = [f for f in finals if math.isfinite(f)]
+    if target_acc is None and finals:
+        target_acc = math.floor(0.8 * max(finals) * 20) / 20
+    lows = []
+    for scheme in schemes:
+        if scheme.plateaued:
+            continue
+        losses = [min((r["loss"] for r in run.probes.get("landscape", []) if _finite(r.get("loss"))),
+                      default=math.nan) for run in scheme.runs]
+        lows.append(max(losses) if losses else math.nan)
+    lows = [v for v in lows if math.isfinite(v)]
+    return {"target_acc": target_acc if target_acc is not None else math.nan,
+            "matched_loss": max(lows) if lows else math.nan}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def correlations(schemes: Sequence[Scheme]) -> list[dict[str, Any]]:
+    """Spearman ρ across schemes, per seed, between a smoothness measure and a speed/accuracy measure."""
+    pairs = [("beta", "steps_to_target", "median β (equal steps) vs steps to target accuracy"),
+             ("beta_matched", "steps_to_target", "β at matched loss vs steps to target accuracy"),
+             ("beta", "test_acc", "median β (equal steps) vs final test accuracy"),
+             ("beta_matched", "test_acc", "β at matched loss vs final test accuracy"),
+             ("loss_band", "steps_to_target", "loss-variation band vs steps to target accuracy")]
+    seeds = sorted({run.seed for s in schemes for run in s.runs})
+    rows = []
+    for x, y, title in pairs:
+        rhos = []
+        for seed in seeds:
+            xs = [s.per_seed(x).get(seed, math.nan) for s in schemes]
+            ys = [s.per_seed(y).get(seed, math.nan) for s in schemes]
+            if y == "test_acc":  # higher accuracy is better: rank its negation so ρ > 0 means "smoother is better"
+                ys = [-v for v in ys]
+            rhos.append(spearman(xs, ys))
+        finite = [r for r in rhos if math.isfinite(r)]
+        rows.append({"comparison": title, "rho_mean": float(np.mean(finite)) if finite else math.nan,
+                     "rho_min": min(finite, default=math.nan), "rho_max": max(finite, default=math.nan),
+                     "seeds": len(finite), "schemes": len(schemes)})
+    return rows
+
+
+def compute(runs: Sequence[Run], target_acc: float | None = None) -> tuple[list[Scheme], dict[str, float]]:
+    schemes = group_schemes(runs)
+    targets = choose_targets(schemes, target_acc)
+    for scheme in schemes:
+        scheme.context = targets
+    return schemes, targets
+

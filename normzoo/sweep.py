@@ -1,0 +1,373 @@
+"""Sweeps: the grid of runs behind one command, run into one folder, resumable.
+
+Each run is a ``normzoo run`` subprocess (``python -m normzoo run ... --out SWEEP --run-name NAME``), so a run
+that crashes, diverges or runs out of memory never takes the sweep down, and its exact command is printed and
+kept in the run's ``sweep-run.json``. Re-running the same sweep command looks at each run folder and skips
+finished (or diverged) runs, resumes interrupted ones from their checkpoint, and leaves failed ones alone unless
+asked to retry them. ``sweep.csv`` is rewritten after every run, one row per run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from normzoo.errors import NormzooError
+from normzoo.io import atomic_write_json, atomic_write_text
+from normzoo.rundir import SUMMARY_FIELDS, RunDir
+
+SWEEP_FILE = "sweep.json"
+SWEEP_CSV = "sweep.csv"
+RUN_RECORD = "sweep-run.json"  # in each run folder: the options, the command, and a failure if there was one
+RUN_LOG = "run.log"  # in each run folder: the run's stdout and stderr
+# Options that may change between invocations of the same sweep without making its runs different runs.
+FREE_OPTIONS = {"device", "data_dir"}
+
+
+def split_specs(text: str) -> list[str]:
+    """Split a comma list whose items may themselves be specs with ``,key=value`` parameters.
+
+    A piece with ``=`` before any ``:`` continues the previous item, so
+    ``"bn,lp:1,centered=true,gn:8"`` is ``["bn", "lp:1,centered=true", "gn:8"]``. ``;`` always separates.
+    """
+    items: list[str] = []
+    for group in text.split(";"):
+        for piece in (p.strip() for p in group.split(",")):
+            if not piece:
+                continue
+            if items and "=" in piece.split(":")[0] and group.strip():
+                items[-1] = f"{items[-1]},{piece}"
+            else:
+                items.append(piece)
+    return items
+
+
+@dataclass
+class PlannedRun:
+    """One point of the grid: its folder name, its ``normzoo run`` options, and which of them vary."""
+
+    name: str
+    options: dict[str, Any]
+    swept: dict[str, Any]
+    path: Path = field(default=Path())
+
+    def command(self, sweep_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "normzoo", "run", *option_args(self.options), "--out", str(sweep_dir),
+                "--run-name", self.name, "--quiet"]
+
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.swept.items()) or self.name
+
+
+def option_args(options: dict[str, Any]) -> list[str]:
+    """``normzoo run`` arguments for a dict of run options (field names as in :class:`RunConfig`)."""
+    args: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "probes":
+            for probe in value:
+                args += ["--probe", probe]
+        elif isinstance(value, bool):
+            args.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def run_name(swept: dict[str, Any]) -> str:
+    """A readable folder name from the varying options, e.g. ``norm-lp_inf__lr-0.1__seed-0``."""
+    if not swept:
+        return "run"
+    parts = []
+    for key, value in swept.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in text)
+        parts.append(f"{key.replace('_', '-')}-{safe}")
+    return "__".join(parts)
+
+
+def plan(grid: dict[str, list[Any]], fixed: dict[str, Any]) -> list[PlannedRun]:
+    """The cartesian product of ``grid`` (option -> values, in the given order) on top of ``fixed`` options."""
+    for key, values in grid.items():
+        if len(set(map(str, values))) != len(values):
+            raise NormzooError(f"--{key.replace('_', '-')} lists a value twice: {', '.join(map(str, values))}")
+    varying = [k for k, v in grid.items() if len(v) > 1]
+    runs, names = [], {}
+    for combo in itertools.product(*grid.values()):
+        chosen = dict(zip(grid, combo))
+        swept = {k: chosen[k] for k in varying}
+        name = run_name(swept)
+        if name in names:
+            raise NormzooError(f"runs {names[name]} and {swept} would share the folder '{name}'")
+        names[name] = swept
+        runs.append(PlannedRun(name, {**chosen, **fixed}, swept))
+    return runs
+
+
+# -- the state of one run folder ---------------------------------------------------------------------------------
+def read_record(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / RUN_RECORD).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def read_summary(path: Path) -> dict[str, str]:
+    try:
+        with (path / "summary.csv").open(newline="") as f:
+            return next(csv.DictReader(f), {})
+    except FileNotFoundError:
+        return {}
+
+
+def run_state(path: Path) -> str:
+    """``pending``, ``finished``, ``diverged``, ``interrupted`` (resumable), ``failed`` or ``started``.
+
+    ``started`` is a run that was killed before its first checkpoint: it starts over.
+    """
+    run = RunDir(path)
+    status = read_summary(path).get("status")
+    if status in ("finished", "diverged"):
+        return status
+    if read_record(path).get("failed"):
+        return "failed"
+    if status == "interrupted" or run.last_state.exists():
+        return "interrupted"
+    return "started" if run.config.exists() else "pending"
+
+
+def check_same_options(run: PlannedRun) -> None:
+    """A folder of this sweep must have been started with the options this invocation asks for."""
+    before = read_record(run.path).get("options")
+    if before is None:
+        return
+    changed = sorted(k for k in set(before) | set(run.options)
+                     if k not in FREE_OPTIONS and before.get(k) != run.options.get(k))
+    if changed:
+        diff = ", ".join(f"--{k.replace('_', '-')} {before.get(k)!r} -> {run.options.get(k)!r}" for k in changed)
+        raise NormzooError(f"{run.path} was started with other options ({diff}); use another --out, or delete "
+                           f"that folder to rerun it")
+
+
+# -- running -----------------------------------------------------------------------------------------------------
+@dataclass
+class Slot:
+    """A place for one concurrent run: its environment (GPU, CPU threads) and the process in it."""
+
+    env: dict[str, str]
+    run: PlannedRun | None = None
+    process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+
+
+def slot_environments(jobs: int, gpus: int, device: str) -> list[dict[str, str]]:
+    """One GPU per job when several are present; otherwise CPU threads split evenly between the jobs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(max(1, cpus // jobs))
+    envs = []
+    for i in range(jobs):
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+        if gpus > 1 and device in ("auto", "cuda"):
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        envs.append(env)
+    return envs
+
+
+class Sweep:
+    """Runs a planned grid into ``out`` with up to ``jobs`` runs at once."""
+
+    def __init__(self, runs: Sequence[PlannedRun], out: str | Path, *, jobs: int = 1, retry_failed: bool = False,
+                 echo: Callable[[str], None] = print, definition: dict[str, Any] | None = None) -> None:
+        self.out = Path(out)
+        self.runs, self.jobs, self.retry_failed, self.echo = list(runs), jobs, retry_failed, echo
+        self.definition = definition or {}
+        for run in self.runs:
+            run.path = self.out / run.name
+        self.stopping = 0
+
+    def todo(self) -> list[tuple[PlannedRun, str]]:
+        """Runs to start or resume, after reporting the ones that are skipped and why."""
+        todo, skipped = [], {"finished": 0, "diverged": 0, "failed": 0}
+        for run in self.runs:
+            check_same_options(run)
+            state = run_state(run.path)
+            if state in ("finished", "diverged") or (state == "failed" and not self.retry_failed):
+                skipped[state] += 1
+                self.echo(f"skip   {run.label()}: {state}" + (" (--retry-failed runs it again)"
+                                                              if state == "failed" else ""))
+            else:
+                todo.append((run, state))
+        if any(skipped.values()):
+            self.echo("skipped " + ", ".join(f"{n} {s}" for s, n in skipped.items() if n) + " of "
+                      f"{len(self.runs)} runs")
+        return todo
+
+    def launch(self, slot: Slot, run: PlannedRun, state: str) -> None:
+        run.path.mkdir(parents=True, exist_ok=True)
+        record = read_record(run.path)
+        resuming = state in ("interrupted", "failed") and RunDir(run.path).last_state.exists()
+        if resuming:
+            command = [sys.executable, "-m", "normzoo", "run", "--resume", str(run.path), "--quiet"]
+        else:
+            command = run.command(self.out)
+            for stale in ("metrics.jsonl", "summary.csv", "config.json"):  # a run killed before its checkpoint
+                (run.path / stale).unlink(missing_ok=True)
+        record.update(options=run.options, command=command_text(run.command(self.out)), failed=None)
+        atomic_write_json(run.path / RUN_RECORD, record)
+        verb = "resume" if resuming else ("retry " if state == "failed" else "start ")
+        self.echo(f"{verb} {run.label()}")
+        with (run.path / RUN_LOG).open("ab") as log:
+            log.write(f"$ {command_text(command)}\n".encode())
+            log.flush()
+            slot.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env={**os.environ, **slot.env}, start_new_session=True)
+        slot.run, slot.started = run, time.perf_counter()
+
+    def reap(self, slot: Slot) -> str:
+        """Record how the run in ``slot`` ended; returns its state."""
+        assert slot.run is not None and slot.process is not None
+        run, code = slot.run, slot.process.returncode
+        seconds = time.perf_counter() - slot.started
+        record = read_record(run.path)
+        record["wall_s"] = record.get("wall_s", 0.0) + seconds
+        state = run_state(run.path)
+        stopped_by_us = self.stopping and code in (130, -signal.SIGTERM, -signal.SIGINT)
+        if code != 0 and state not in ("interrupted", "diverged", "finished") and not stopped_by_us:
+            record["failed"] = {"returncode": code, "error": last_error(run.path / RUN_LOG)}
+            state = "failed"
+        atomic_write_json(run.path / RUN_RECORD, record)
+        summary = read_summary(run.path)
+        detail = f"test_acc {float(summary['test_acc']):.4f}" if summary.get("test_acc") else ""
+        if state == "failed":
+            detail = f"exit {code}: {record['failed']['error']} (log: {run.path / RUN_LOG})"
+        self.echo(f"{state:<8} {run.label()}  {detail}  [{seconds:.0f}s]".rstrip())
+        slot.run = slot.process = None
+        return state
+
+    def stop(self, signum: int, frame: Any) -> None:
+        # First signal: each run saves a checkpoint and exits; a second one aborts them.
+        self.stopping += 1
+        self.echo("stopping: each running run saves a checkpoint (again to abort)" if self.stopping == 1 else
+                  "aborting")
+        for slot in self.slots:
+            if slot.process is not None and slot.process.poll() is None:
+                slot.process.send_signal(signal.SIGTERM)
+
+    def execute(self, *, progress: bool = True) -> dict[str, int]:
+        """Run everything still to do; returns the count of runs per final state."""
+        from tqdm.auto import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out / SWEEP_FILE, self.definition | {"runs": [r.name for r in self.runs]})
+        todo = self.todo()
+        gpus = cuda_device_count() if self.jobs > 1 else 0
+        device = str(self.runs[0].options.get("device") or "auto") if self.runs else "auto"
+        self.slots = [Slot(env) for env in slot_environments(self.jobs, gpus, device)]
+        bar = tqdm(total=len(todo), unit="run", disable=not progress or not todo, file=sys.stderr,
+                   dynamic_ncols=True)
+        echo = self.echo
+        self.echo = lambda text: bar.write(text, file=sys.stdout) if not bar.disable else echo(text)
+        handlers = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while todo or any(s.process for s in self.slots):
+                for slot in self.slots:
+                    if slot.process is not None and slot.process.poll() is not None:
+                        self.reap(slot)
+                        bar.update(1)
+                        write_csv(self.out, self.runs)
+                    if slot.process is None and todo and not self.stopping:
+                        self.launch(slot, *todo.pop(0))
+                if self.stopping and not any(s.process for s in self.slots):
+                    break
+                time.sleep(0.1)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            bar.close()
+            self.echo = echo
+        write_csv(self.out, self.runs)
+        counts: dict[str, int] = {}
+        for run in self.runs:
+            state = run_state(run.path)
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
+
+def cuda_device_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # a broken CUDA install must not stop a CPU sweep
+        return 0
+
+
+def command_text(command: Sequence[str]) -> str:
+    import shlex
+
+    words = ["normzoo", *command[3:]] if command[1:3] == ["-m", "normzoo"] else list(command)
+    return shlex.join(words)
+
+
+def last_error(log: Path) -> str:
+    """The last non-empty line of a run's log (the one-line error, or the exception of a traceback)."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except FileNotFoundError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+# -- sweep.csv ---------------------------------------------------------------------------------------------------
+def sweep_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
+    """One row per run: swept options, state, the run's summary, its probe summaries, time and error."""
+    from normzoo.analysis import load_run, probe_summaries
+
+    rows = []
+    for run in runs:
+        record = read_record(run.path)
+        row: dict[str, Any] = {"run": run.name, **{f"opt_{k}": v for k, v in run.swept.items()}}
+        row["state"] = run_state(run.path)
+        row.update(read_summary(run.path))
+        row.pop("run", None)
+        row["run"] = run.name
+        if RunDir(run.path).metrics.exists():
+            row.update(probe_summaries(load_run(run.path).probes))
+        row["wall_s"] = f"{record['wall_s']:.1f}" if "wall_s" in record else ""
+        row["error"] = (record.get("failed") or {}).get("error", "")
+        rows.append(row)
+    return rows
+
+
+def write_csv(out: Path, runs: Sequence[PlannedRun]) -> Path:
+    rows = sweep_rows(runs)
+    columns: list[str] = ["run"]
+    for row in rows:
+        columns += [k for k in row if k.startswith("opt_") and k not in columns]
+    columns += ["state", *[f for f in SUMMARY_FIELDS if f != "run"]]
+    for row in rows:
+        columns += [k for k in row if k not in columns and k not in ("wall_s", "error")]
+    columns += ["wall_s", "error"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row.get(k)) for k in columns})
+    return atomic_write_text(out / SWEEP_CSV, buffer.getvalue())
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value

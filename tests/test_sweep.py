@@ -1,0 +1,169 @@
+"""``normzoo sweep``: the grid, the run folders, resume/skip/retry semantics, isolation of failures, --jobs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from normzoo.cli import cli
+from normzoo.errors import NormzooError
+from normzoo.sweep import plan, run_name, run_state, slot_environments, split_specs
+
+BASE = ["--backbone", "vgg11,width=0.0625", "--dataset", "fashion-mnist-mini", "--device", "cpu", "--log-every", "2"]
+TINY = [*BASE, "--eval-every", "4"]
+
+
+def sweep(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "normzoo", "sweep", *TINY, *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def read_csv(folder: Path) -> dict[str, dict[str, str]]:
+    with (folder / "sweep.csv").open(newline="") as f:
+        return {row["run"]: row for row in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("text, items", [
+    ("bn,lp:inf,gn:32", ["bn", "lp:inf", "gn:32"]),
+    ("bn,lp:1,centered=true,gn:8", ["bn", "lp:1,centered=true", "gn:8"]),
+    ("noisy-bn:mu=0.5,sigma=1.25", ["noisy-bn:mu=0.5,sigma=1.25"]),
+    ("vgg11,width=0.5,glorot=true;timm:resnet18", ["vgg11,width=0.5,glorot=true", "timm:resnet18"]),
+    (" bn , none ,", ["bn", "none"]),
+])
+def test_split_specs_keeps_spec_parameters_with_their_spec(text, items):
+    assert split_specs(text) == items
+
+
+def test_plan_is_the_cartesian_product_named_by_what_varies():
+    runs = plan({"norm": ["bn", "lp:inf"], "lr": [0.1, 0.5], "seed": [0, 1, 2], "steps": [100]}, {"probes": ["ics"]})
+    assert len(runs) == 12
+    assert runs[0].name == "norm-bn__lr-0.1__seed-0" and runs[-1].name == "norm-lp_inf__lr-0.5__seed-2"
+    assert runs[0].swept == {"norm": "bn", "lr": 0.1, "seed": 0}  # steps is fixed: not in the name
+    assert runs[0].options == {"norm": "bn", "lr": 0.1, "seed": 0, "steps": 100, "probes": ["ics"]}
+    assert len({r.name for r in runs}) == 12
+    assert plan({"norm": ["bn"]}, {})[0].name == "run"
+    assert run_name({"augment": True}) == "augment-true"
+
+
+def test_plan_rejects_repeated_values_and_colliding_names():
+    with pytest.raises(NormzooError, match="twice"):
+        plan({"lr": [0.1, 0.1]}, {})
+    with pytest.raises(NormzooError, match="share the folder"):
+        plan({"norm": ["lp:1", "lp_1"]}, {})
+
+
+def test_jobs_split_cpu_threads_or_take_one_gpu_each(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert [e["OMP_NUM_THREADS"] for e in slot_environments(4, 0, "cpu")] == ["2"] * 4
+    assert all("CUDA_VISIBLE_DEVICES" not in e for e in slot_environments(2, 0, "auto"))
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in slot_environments(3, 2, "auto")] == ["0", "1", "0"]
+    assert all("CUDA_VISIBLE_DEVICES" not in e for e in slot_environments(2, 2, "cpu"))
+
+
+def test_sweep_isolates_failures_and_divergence_then_skips_and_retries(tmp_path):
+    out = tmp_path / "sweep"
+    grid = ["--norm", "none", "--steps", "6", "--lr", "0.05,1e4", "--batch-size", "16,20000", "--jobs", "2",
+            "--probe", "landscape:every=3,steps=3", "--out", str(out)]
+    first = sweep(*grid)
+    assert first.returncode == 1, first.stderr  # some runs failed, the others ran
+    rows = read_csv(out)
+    assert set(rows) == {f"lr-{lr}__batch-size-{b}" for lr in ("0.05", "10000.0") for b in (16, 20000)}
+    assert rows["lr-0.05__batch-size-16"]["state"] == "finished"
+    assert rows["lr-0.05__batch-size-16"]["step"] == "6"
+    assert float(rows["lr-0.05__batch-size-16"]["landscape_beta_median"]) > 0  # probe summaries in the csv
+    assert rows["lr-10000.0__batch-size-16"]["state"] == "diverged"
+    for name in ("lr-0.05__batch-size-20000", "lr-10000.0__batch-size-20000"):
+        assert rows[name]["state"] == "failed"
+        assert "exceeds the 10000 training examples" in rows[name]["error"]
+        assert "exceeds" in (out / name / "run.log").read_text()
+    record = json.loads((out / "lr-0.05__batch-size-16" / "sweep-run.json").read_text())
+    assert record["command"].startswith("normzoo run --backbone") and "--norm none" in record["command"]
+    assert record["failed"] is None
+
+    finished_log = (out / "lr-0.05__batch-size-16" / "metrics.jsonl").read_text()
+    again = sweep(*grid)
+    assert again.returncode == 1
+    assert "skip   lr=0.05 batch_size=16: finished" in again.stdout
+    assert "skip   lr=10000.0 batch_size=16: diverged" in again.stdout
+    assert "--retry-failed" in again.stdout and "start" not in again.stdout
+    assert (out / "lr-0.05__batch-size-16" / "metrics.jsonl").read_text() == finished_log
+
+    retried = sweep(*grid, "--retry-failed")
+    assert retried.stdout.count("retry  ") == 2 and "exceeds" in retried.stdout
+    assert (out / "lr-0.05__batch-size-16" / "metrics.jsonl").read_text() == finished_log
+
+
+def test_rerun_with_other_fixed_options_is_refused(tmp_path):
+    out = tmp_path / "sweep"
+    assert sweep("--norm", "bn", "--steps", "2", "--out", str(out)).returncode == 0
+    changed = sweep("--norm", "bn", "--steps", "3", "--out", str(out))
+    assert changed.returncode == 2
+    assert "started with other options (--steps 2 -> 3)" in changed.stderr
+
+
+def test_bad_values_fail_before_any_run(tmp_path):
+    result = CliRunner().invoke(cli, ["sweep", *TINY, "--norm", "bn,lp:fast", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "lp" in result.output and not (tmp_path / "s").exists()
+    result = CliRunner().invoke(cli, ["sweep", "--lr", "0.1,abc", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "--lr" in result.output
+    result = CliRunner().invoke(cli, ["sweep", "--augment", "maybe", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "true or false" in result.output
+
+
+def test_dry_run_prints_each_runs_command(tmp_path):
+    result = CliRunner().invoke(cli, ["sweep", *TINY, "--norm", "bn,lp:1,centered=true", "--augment", "true,false",
+                                      "--out", str(tmp_path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "--norm lp:1,centered=true" in result.output and "--no-augment" in result.output
+    assert result.output.count("normzoo run") == 4 and not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_checkpoints_running_runs_and_the_same_command_resumes_them(tmp_path):
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "normzoo", "sweep", *BASE, "--norm", "bn", "--steps", "400", "--eval-every", "1000",
+            "--out", str(out), "--quiet"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = out / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout + stderr
+    assert "run the same command again" in stderr
+    assert run_state(out / "run") == "interrupted"
+    step = int(read_csv(out)["run"]["step"])
+    assert 0 < step < 400
+
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=240,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume" in resumed.stdout
+    assert read_csv(out)["run"]["state"] == "finished" and read_csv(out)["run"]["step"] == "400"
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train"' in line]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # no record lost or repeated across the resume
+
+
+def test_run_state_reads_the_run_folder(tmp_path):
+    path = tmp_path / "run"
+    assert run_state(path) == "pending"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    assert run_state(path) == "started"  # killed before its first checkpoint: it starts over
+    (path / "last.state.safetensors").write_bytes(b"")
+    assert run_state(path) == "interrupted"
+    (path / "sweep-run.json").write_text(json.dumps({"failed": {"returncode": 1, "error": "boom"}}))
+    assert run_state(path) == "failed"
+    (path / "summary.csv").write_text("run,status\nrun,diverged\n")
+    assert run_state(path) == "diverged"
