@@ -20,6 +20,8 @@ Examples:
   normzoo build vgg11 --norm gn:8      # build a model and print its norm layers
   normzoo plugins --json               # installed plugins, versions, hooks and errors
   normzoo eval runs/<run>/best.safetensors
+  normzoo sweep --norm none,bn,lp:inf --lr 0.1,0.5 --seed 0,1 --out sweeps/lp   # a grid of runs
+  normzoo report sweeps/lp             # report.html + report.md: smoothness vs speed per scheme
 """
 
 

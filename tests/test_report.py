@@ -101,12 +101,12 @@ def test_correlation_sign_and_the_equal_steps_trap_are_reported():
 # -- real runs, the files, the browser ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
-    """Three schemes × two seeds of real tiny runs; `none` at a tiny learning rate stays on its plateau."""
+    """Three schemes × two seeds of real tiny runs; in 24 steps `none` does not leave its initial plateau."""
     root = tmp_path_factory.mktemp("report")
-    for norm, lr in [("bn", 0.1), ("lp:inf", 0.1), ("none", 1e-4)]:
+    for norm in ("bn", "lp:inf", "none"):
         for seed in (0, 1):
             train(RunConfig(backbone="vgg11,width=0.0625", norm=norm, dataset="fashion-mnist-mini", steps=24,
-                            batch_size=32, lr=lr, seed=seed, device="cpu", log_every=4, eval_every=12, out=str(root),
+                            batch_size=32, lr=0.05, seed=seed, device="cpu", log_every=4, eval_every=12, out=str(root),
                             run_name=f"{norm.replace(':', '_')}-s{seed}",
                             probes=["landscape:every=6,steps=3", "ics:every=12", "activations:every=6",
                                     "hessian:at=0+12,iters=3,trace_samples=2", "grad-norms:every=12",
@@ -127,10 +127,12 @@ def test_report_files_are_complete_and_self_contained(runs_dir):
     assert markdown.count("](report-figures/") == len(images)
     assert "steps to 0.3 train acc" in markdown
     schemes, _ = compute(find_runs(runs_dir), 0.3)
-    assert [s.label for s in schemes] == ["bn lr=0.1", "lp:inf lr=0.1", "none lr=0.0001"]
-    table = markdown.split("*Smoothness against speed, per scheme*")[1].split("\n\n")[1]
+    assert [s.label for s in schemes] == ["bn", "lp:inf", "none"]
+    table = markdown.split("*Smoothness against speed*")[1].split("\n\n")[1]
     assert len(table.splitlines()) == 2 + 3
-    assert "`none lr=0.0001` never left its initial plateau" in markdown
+    assert "`none` never left its initial plateau" in markdown
+    rho = re.search(r"\| all \| median β \(equal steps\) vs steps to target accuracy \| ([^|]+) \|", markdown)
+    assert rho and -1 <= float(rho.group(1)) <= 1  # three schemes: ρ is defined
     for figure_title in ("## Training", "## Loss landscape along the gradient", "## Internal covariate shift",
                          "## Activation drift", "## Hessian", "## Equal steps or equal progress?"):
         assert figure_title in markdown and figure_title.replace("## ", "<h2>") in page

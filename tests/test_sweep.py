@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from normzoo.cli import cli
 from normzoo.errors import NormzooError
+from normzoo.report import write_report
 from normzoo.sweep import plan, run_name, run_state, slot_environments, split_specs
 
 BASE = ["--backbone", "vgg11,width=0.0625", "--dataset", "fashion-mnist-mini", "--device", "cpu", "--log-every", "2"]
@@ -89,6 +90,10 @@ def test_sweep_isolates_failures_and_divergence_then_skips_and_retries(tmp_path)
     record = json.loads((out / "lr-0.05__batch-size-16" / "sweep-run.json").read_text())
     assert record["command"].startswith("normzoo run --backbone") and "--norm none" in record["command"]
     assert record["failed"] is None
+
+    report = write_report(out).markdown.read_text()  # a diverged run and two failed ones do not stop it
+    assert "failed before training started" in report and "`lr-0.05__batch-size-20000`" in report
+    assert "2 runs (1 diverged, 1 finished)" in report and "diverged in 1 of 1 runs" in report
 
     finished_log = (out / "lr-0.05__batch-size-16" / "metrics.jsonl").read_text()
     again = sweep(*grid)

@@ -24,6 +24,7 @@ from normzoo.analysis import Run  # noqa: E402
 from normzoo.report.schemes import Scheme  # noqa: E402
 
 STYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P"]  # from the fifth setting of one norm on, line styles alone repeat
 Records = Callable[[Run], Sequence[dict[str, Any]]]
 
 
@@ -34,14 +35,18 @@ class Palette:
         families = list(dict.fromkeys(s.family for s in schemes))
         colours = plt.get_cmap("tab10").colors
         self.colour = {f: colours[i % len(colours)] for i, f in enumerate(families)}
-        self.style: dict[str, str] = {}
+        self.style: dict[str, dict[str, Any]] = {}
         seen: dict[str, int] = {}
         for scheme in schemes:
-            self.style[scheme.label] = STYLES[seen.get(scheme.family, 0) % len(STYLES)]
-            seen[scheme.family] = seen.get(scheme.family, 0) + 1
+            i = seen.get(scheme.family, 0)
+            many = sum(s.family == scheme.family for s in schemes) > len(STYLES)
+            self.style[scheme.label] = {"linestyle": STYLES[i % len(STYLES)],
+                                        **({"marker": MARKERS[i // len(STYLES) % len(MARKERS)]} if many else {})}
+            seen[scheme.family] = i + 1
 
-    def kwargs(self, scheme: Scheme) -> dict[str, Any]:
-        return {"color": self.colour[scheme.family], "linestyle": self.style[scheme.label], "label": scheme.label}
+    def kwargs(self, scheme: Scheme, **defaults: Any) -> dict[str, Any]:
+        """Plot keywords for ``scheme``; ``defaults`` (say a marker) give way to what tells schemes apart."""
+        return defaults | {"color": self.colour[scheme.family], "label": scheme.label, **self.style[scheme.label]}
 
 
 def seed_band(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
@@ -98,7 +103,8 @@ def _finish(fig: Figure, axes: Sequence[Any], drawn: bool) -> Figure | None:
                    bbox_to_anchor=(0.5, -0.02))
     for ax in axes:
         ax.grid(True, alpha=0.3, which="both")
-    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    legend_rows = math.ceil(len(labels) / min(max(len(labels), 1), 6))
+    fig.tight_layout(rect=(0, 0.05 + 0.06 * legend_rows if handles else 0, 1, 1))
     return fig
 
 
@@ -162,8 +168,8 @@ def matched(schemes: Sequence[Scheme], palette: Palette, level: float) -> Figure
         for run in scheme.runs:
             records = [r for r in run.probes.get("landscape", []) if _positive(r.get("beta"))]
             if records:
-                axes[1].plot([r["loss"] for r in records], [r["beta"] for r in records], marker="o", markersize=3,
-                             **(palette.kwargs(scheme) | {"label": None}))
+                axes[1].plot([r["loss"] for r in records], [r["beta"] for r in records],
+                             **(palette.kwargs(scheme, marker="o", markersize=3) | {"label": None}))
     for ax in axes:
         if math.isfinite(level):
             ax.axhline(level, color="grey", linewidth=1) if ax is axes[0] else ax.axvline(level, color="grey",
@@ -191,9 +197,11 @@ def per_layer(schemes: Sequence[Scheme], palette: Palette, probe: str,
             if not width:
                 continue
             table = np.array([[abs(v) if v is not None else np.nan for v in r[:width]] for r in rows], dtype=float)
+            if scale == "log":  # ICS of the first layer is 0 by definition: no point on a log axis
+                table[table <= 0] = np.nan
             with _quiet_nan_warnings():
-                ax.plot(np.arange(1, width + 1), np.nanmedian(table, 0), marker="o", markersize=3,
-                        **palette.kwargs(scheme))
+                ax.plot(np.arange(1, width + 1), np.nanmedian(table, 0),
+                        **palette.kwargs(scheme, marker="o", markersize=3))
             drawn = True
         ax.set(title=title, xlabel="tracked layer (input → output)", yscale=scale)
     return _finish(fig, axes, drawn)
@@ -231,8 +239,8 @@ def step_loss(schemes: Sequence[Scheme], palette: Palette) -> Figure | None:
             records = run.probes.get("step-loss", [])
             if records:
                 last = records[-1]
-                axes[0].plot(last["step_sizes"], last["ratios"], marker="o", markersize=3,
-                             **(palette.kwargs(scheme) | ({} if i == 0 else {"label": None})))
+                axes[0].plot(last["step_sizes"], last["ratios"],
+                             **(palette.kwargs(scheme, marker="o", markersize=3) | ({} if i == 0 else {"label": None})))
                 drawn = True
     axes[0].axhline(1.0, color="grey", linewidth=1)
     axes[0].set(title="loss after one step / loss before (last probe)", xlabel="step size", ylabel="ratio",

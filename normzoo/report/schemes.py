@@ -36,6 +36,12 @@ class Scheme:
     family: str  # the norm as the user would type it; sets the colour
     runs: list[Run]
     settings: dict[str, str]
+
+    @property
+    def setting(self) -> str:
+        """What besides the norm defines this scheme (``lr=0.1``); schemes are compared within one setting,
+        because the landscape probe's step sizes, and so β, scale with the learning rate."""
+        return " ".join(f"{k}={v}" for k, v in self.settings.items() if k != "norm")
     context: dict[str, float] = field(default_factory=dict)  # target accuracy and matched loss
 
     def per_seed(self, key: str) -> dict[int, float]:
@@ -149,10 +155,19 @@ def correlations(schemes: Sequence[Scheme]) -> list[dict[str, Any]]:
     return rows
 
 
+def by_setting(schemes: Sequence[Scheme]) -> dict[str, list[Scheme]]:
+    groups: dict[str, list[Scheme]] = {}
+    for scheme in schemes:
+        groups.setdefault(scheme.setting, []).append(scheme)
+    return groups
+
+
 def compute(runs: Sequence[Run], target_acc: float | None = None) -> tuple[list[Scheme], dict[str, float]]:
+    """Schemes with their context: one target accuracy for all, a matched loss per setting."""
     schemes = group_schemes(runs)
     targets = choose_targets(schemes, target_acc)
-    for scheme in schemes:
-        scheme.context = targets
+    for group in by_setting(schemes).values():
+        matched = choose_targets(group, targets["target_acc"])["matched_loss"]
+        for scheme in group:
+            scheme.context = {"target_acc": targets["target_acc"], "matched_loss": matched}
     return schemes, targets
-
