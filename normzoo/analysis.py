@@ -131,13 +131,6 @@ def steps_to_accuracy(run: Run, target: float) -> float:
     return math.inf
 
 
-def series(records: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and values of ``key`` (NaN where missing)."""
-    steps = np.array([r["step"] for r in records], dtype=float)
-    values = np.array([_as_float(r.get(key)) for r in records], dtype=float)
-    return steps, values
-
-
 def _as_float(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 

@@ -255,7 +255,7 @@ class Sweep:
         slot.run = slot.process = None
         return state
 
-    def stop(self, signum: int, frame: Any) -> None:
+    def stop(self, signum: int, _frame: Any) -> None:
         # First signal: each run saves a checkpoint and exits; a second one aborts them.
         self.stopping += 1
         self.echo("stopping: each running run saves a checkpoint (again to abort)" if self.stopping == 1 else
@@ -339,9 +339,7 @@ def sweep_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
         record = read_record(run.path)
         row: dict[str, Any] = {"run": run.name, **{f"opt_{k}": v for k, v in run.swept.items()}}
         row["state"] = run_state(run.path)
-        row.update(read_summary(run.path))
-        row.pop("run", None)
-        row["run"] = run.name
+        row.update({k: v for k, v in read_summary(run.path).items() if k != "run"})  # its "run" is a path
         if RunDir(run.path).metrics.exists():
             row.update(probe_summaries(load_run(run.path).probes))
         row["wall_s"] = f"{record['wall_s']:.1f}" if "wall_s" in record else ""

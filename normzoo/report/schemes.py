@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from normzoo.analysis import Run, probe_summaries, spearman, steps_to_accuracy, value_at_loss, varying_fields
+from normzoo.errors import NormzooError
 
 # A scheme whose training loss ends above this fraction of its first loss never left its initial plateau.
 PLATEAU_FRACTION = 0.9
@@ -23,7 +24,7 @@ def short_value(key: str, value: Any) -> str:
             from normzoo.plugins import registry
 
             return registry({"norm": "norms", "backbone": "backbones", "dataset": "datasets"}[key]).parse(value).short()
-        except Exception:  # a plugin that is not installed here: show the spec as stored
+        except NormzooError:  # a plugin that is not installed here: show the spec as stored
             return value
     return str(value)
 
@@ -37,15 +38,23 @@ class Scheme:
     runs: list[Run]
     settings: dict[str, str]
 
+    context: dict[str, float] = field(default_factory=dict)  # target accuracy and matched loss
+    _stats: dict[tuple[Any, ...], dict[str, float]] = field(default_factory=dict, repr=False)
+
     @property
     def setting(self) -> str:
         """What besides the norm defines this scheme (``lr=0.1``); schemes are compared within one setting,
         because the landscape probe's step sizes, and so β, scale with the learning rate."""
         return " ".join(f"{k}={v}" for k, v in self.settings.items() if k != "norm")
-    context: dict[str, float] = field(default_factory=dict)  # target accuracy and matched loss
 
     def per_seed(self, key: str) -> dict[int, float]:
-        return {run.seed: run_stats(run, self.context).get(key, math.nan) for run in self.runs}
+        return {run.seed: self.stats(run).get(key, math.nan) for run in self.runs}
+
+    def stats(self, run: Run) -> dict[str, float]:
+        key = (id(run), *sorted(self.context.items()))
+        if key not in self._stats:
+            self._stats[key] = run_stats(run, self.context)
+        return self._stats[key]
 
     def mean(self, key: str) -> float:
         return _nanmean(self.per_seed(key).values())
