@@ -1,7 +1,8 @@
 """The built-in norms: formulas, gradients, train/eval behaviour, dtypes, layouts and Algorithm 1's noise.
 
-Generic tests run over every registered norm name (plugin norms included) plus variants of the built-ins; the
-formula tests compare against float64 implementations written here, independently of the modules' code.
+The norm contract (``normzoo.testing``) runs over every registered norm name (plugin norms included) plus
+variants of the built-ins; the formula tests compare against float64 implementations written here,
+independently of the modules' code.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from normzoo.norms import (
 )
 from normzoo.norms.base import create_norm, parse_norm, traits_of
 from normzoo.plugins import registry
+from normzoo.testing import _call_with as call_with
+from normzoo.testing import build, norm_contract, sample, seeded
 
 BUILTINS = {"none": NoNorm, "bn": BatchNorm, "noisy-bn": NoisyBatchNorm, "lp": LpNorm, "gn": GroupNorm,
             "ln": LayerNorm, "in": InstanceNorm, "l1-bn": L1BatchNorm, "topk-bn": TopKBatchNorm}
@@ -36,26 +39,6 @@ VARIANTS = ["lp:1", "lp:inf", "lp:1,centered=true", "lp:2,centered=true", "lp:in
             "noisy-bn:eval=none"]
 SPECS = sorted(registry("norms").names()) + VARIANTS
 C = 4
-
-
-def seeded(module, x, seed=0):
-    """Forward with the global RNG reseeded, so that noisy norms draw the same noise every call."""
-    torch.manual_seed(seed)
-    return module(x)
-
-
-def build(spec, num_features=C, dtype=torch.float32, randomize=True):
-    module = create_norm(spec, num_features, dtype=dtype)
-    if randomize:
-        with torch.no_grad():
-            for name, param in module.named_parameters():
-                param.uniform_(0.5, 1.5) if name == "weight" else param.uniform_(-0.5, 0.5)
-    return module
-
-
-def sample(shape, dtype=torch.float32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
 
 
 # -- registration and constructor contract -----------------------------------------------------------------------
@@ -231,30 +214,6 @@ def test_centered_l2_norm_is_batch_norm_up_to_eps():
 
 
 # -- gradients -----------------------------------------------------------------------------------------------------
-def call_with(module, x, weight=None, bias=None):
-    """``module(x)`` with the given affine parameters and the RNG reseeded (one fixed draw of any noise)."""
-    params = {} if weight is None else {"weight": weight, "bias": bias}
-    torch.manual_seed(0)
-    return torch.func.functional_call(module, params, (x,))
-
-
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("spec", SPECS)
-def test_gradcheck(spec, train):
-    module = build(spec, dtype=torch.float64).train(train)
-    if not train:  # non-trivial running estimates
-        with torch.no_grad():
-            for _ in range(2):
-                seeded(module.train(), sample((8, C, 3, 3), torch.float64, seed=3))
-        module.eval()
-    x = sample((5, C, 3, 2), torch.float64).requires_grad_()
-    has_params = getattr(module, "weight", None) is not None
-    weight = module.weight.detach().clone().requires_grad_() if has_params else None
-    bias = module.bias.detach().clone().requires_grad_() if has_params else None
-    inputs = (x, weight, bias) if has_params else (x,)
-    assert torch.autograd.gradcheck(lambda *args: call_with(module, *args), inputs, eps=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("spec", ["lp", "lp:1,centered=true", "lp:inf", "l1-bn", "topk-bn:3"])
 def test_double_backward(spec):
     """Hessian-vector products (create_graph=True) go through the plain reference."""
@@ -290,105 +249,8 @@ def test_input_grad_skipped_when_not_needed():
     assert module.weight.grad is not None and module.bias.grad is not None
 
 
-# -- train/eval behaviour, state --------------------------------------------------------------------------------------
-def buffers(module):
-    return {k: v.clone() for k, v in module.named_buffers()}
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_running_stats_update_in_train_mode_only(spec):
-    module = build(spec)
-    before = buffers(module)
-    seeded(module.train(), sample((8, C, 3, 3)))
-    after_train = buffers(module)
-    seeded(module.eval(), sample((8, C, 3, 3), seed=2))
-    after_eval = buffers(module)
-    for key in before:
-        torch.testing.assert_close(after_eval[key], after_train[key], rtol=0, atol=0)
-    changed = any(not torch.equal(before[k], after_train[k]) for k in before)
-    assert changed == traits_of(module).running_stats
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_eval_is_deterministic_and_per_sample(spec):
-    module = build(spec)
-    for seed in range(3):
-        seeded(module.train(), sample((8, C, 3, 3), seed=seed))
-    module.eval()
-    x = sample((6, C, 3, 3), seed=9)
-    out = module(x)
-    torch.testing.assert_close(module(x), out, rtol=0, atol=0)
-    torch.testing.assert_close(module(x[:2]), out[:2])  # no batch dependence at eval
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_state_dict_round_trip(spec):
-    module = build(spec)
-    for seed in range(3):
-        seeded(module.train(), sample((8, C, 3, 3), seed=seed))
-    fresh = create_norm(spec, C)
-    fresh.load_state_dict(module.state_dict())
-    x = sample((5, C, 3, 3), seed=7)
-    torch.testing.assert_close(fresh.eval()(x), module.eval()(x), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_reset_parameters(spec):
-    module = build(spec)
-    seeded(module.train(), sample((8, C, 3, 3)))
-    module.reset_parameters()
-    fresh = create_norm(spec, C)
-    for (name, a), (_, b) in zip(module.state_dict().items(), fresh.state_dict().items()):
-        torch.testing.assert_close(a, b, msg=name)
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_2d_input_is_a_1x1_image(spec):
-    module = build(spec)
-    x = sample((10, C))
-    for train in (True, False):
-        module.train(train)
-        out2 = seeded(module, x)
-        assert out2.shape == x.shape
-        torch.testing.assert_close(out2, seeded(module, x[:, :, None, None]).reshape(x.shape))
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_channels_last_gives_the_same_result(spec):
-    module = build(spec)
-    x = sample((8, C, 5, 4))
-    xc = x.to(memory_format=torch.channels_last)
-    for train in (True, False):
-        module.train(train)
-        a, b = x.clone().requires_grad_(), xc.clone().requires_grad_()
-        out_a, out_b = seeded(module, a), seeded(module, b)
-        torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
-        grad = sample(x.shape, seed=4)
-        out_a.backward(grad)
-        out_b.backward(grad)
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_bfloat16_close_to_float32(spec):
-    module = build(spec)
-    x = sample((16, C, 4, 4))
-    for train in (True, False):
-        module.train(train)
-        ref = seeded(module, x)
-        xb = x.bfloat16().requires_grad_()
-        out = seeded(module, xb)
-        assert out.dtype == torch.bfloat16
-        torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
-        out.float().sum().backward()
-        assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
-
-
-def test_module_dtype_and_device_arguments():
-    for name in BUILTINS:
-        module = create_norm(name, 3, dtype=torch.float64, device="cpu")
-        for tensor in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
-            assert tensor.dtype == torch.float64
+# -- the norm contract (normzoo.testing, the kit plugin authors use): every registered norm and the variants -----
+test_zoo_passes_the_norm_contract = norm_contract(SPECS)
 
 
 @pytest.mark.parametrize("spec", ["lp:2,centered=true", "lp:inf", "l1-bn", "lp:3"])

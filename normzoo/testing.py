@@ -1,0 +1,255 @@
+"""The norm contract as checks any registered norm can be run through: a conformance kit for plugin authors.
+
+In a plugin's tests, one line runs every check on the plugin's norms (the norm must be registered, i.e. the
+plugin installed, or registered in the test session)::
+
+    from normzoo.testing import norm_contract
+
+    test_batch_renorm_contract = norm_contract(["batch-renorm", "batch-renorm:r_max=2,d_max=3"])
+
+Each check is a plain function of a spec string that raises ``AssertionError`` with a message on failure, so it
+also works outside pytest (``check_norm("my-norm")`` runs them all). normzoo's own zoo runs the same checks
+(``tests/test_norms.py``). The contract (DESIGN §6):
+
+- constructor ``Norm(num_features, *, eps, affine, device=None, dtype=None, **params)``, declared ``traits``,
+  its own ``reset_parameters()``;
+- ``(N, C)`` and ``(N, C, H, W)`` inputs (a 2-D input is a 1×1 image), train and eval mode;
+- float32 and bfloat16, channels_last, float64 ``gradcheck`` in train and eval mode;
+- eval is deterministic and per-sample; running statistics change in train mode only (and exactly when the
+  norm declares ``running_stats``); ``state_dict`` round-trips;
+- it trains a step inside ``vgg11`` and inside a timm model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from normzoo.norms.base import NormTraits, create_norm, parse_norm, traits_of
+
+C = 4  # channels of the test inputs
+Check = Callable[[str], None]
+
+
+def sample(shape: Sequence[int], dtype: torch.dtype = torch.float32, seed: int = 1) -> torch.Tensor:
+    """A fixed, non-centred, non-unit input (so that normalization has something to do)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
+
+
+def build(spec: str, num_features: int = C, dtype: torch.dtype = torch.float32, randomize: bool = True) -> nn.Module:
+    """The norm with affine parameters moved away from their initial 1 and 0 (so mistakes in them show)."""
+    module = create_norm(spec, num_features, dtype=dtype)
+    if randomize:
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                param.uniform_(0.5, 1.5) if name == "weight" else param.uniform_(-0.5, 0.5)
+    return module
+
+
+def seeded(module: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Forward with the global RNG reseeded, so that noisy norms draw the same noise every call."""
+    torch.manual_seed(seed)
+    return module(x)
+
+
+def buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.named_buffers()}
+
+
+def trained(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The norm after three training batches: non-trivial running estimates for its eval mode."""
+    module = build(spec, dtype=dtype)
+    with torch.no_grad():
+        for seed in range(3):
+            seeded(module.train(), sample((8, C, 3, 3), dtype, seed=seed))
+    return module
+
+
+# -- the checks ----------------------------------------------------------------------------------------------------
+def check_constructor(spec: str) -> None:
+    """``Norm(num_features, *, eps, affine, device=None, dtype=None, **params)``, traits, reset_parameters."""
+    from normzoo.plugins import registry
+
+    factory = registry("norms").get(parse_norm(spec).family).factory
+    params = list(inspect.signature(factory).parameters.values())
+    assert params and params[0].name == "num_features", f"{spec}: the first parameter must be num_features"
+    named = {p.name: p for p in params[1:]}
+    for p in params[1:]:
+        assert p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD), f"{spec}: '{p.name}' must be keyword-only"
+    for name in ("eps", "affine", "device", "dtype"):
+        assert name in named, f"{spec}: the constructor lacks the keyword '{name}'"
+    assert named["device"].default is None and named["dtype"].default is None, f"{spec}: device/dtype default None"
+    module = create_norm(spec, 3, dtype=torch.float64)
+    assert isinstance(traits_of(module), NormTraits), f"{spec}: traits must be a normzoo.NormTraits"
+    assert callable(getattr(module, "reset_parameters", None)), f"{spec}: the norm must own reset_parameters()"
+    for tensor in [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]:
+        assert tensor.dtype == torch.float64, f"{spec}: dtype= not applied to every parameter and buffer"
+
+
+def check_shapes(spec: str) -> None:
+    """(N, C) and (N, C, H, W) in train and eval mode; a 2-D input behaves as a batch of 1×1 images."""
+    module = build(spec)
+    for train in (True, False):
+        module.train(train)
+        x4 = sample((6, C, 3, 5))
+        assert seeded(module, x4).shape == x4.shape, f"{spec}: 4-D output shape"
+        x2 = sample((10, C))
+        out2 = seeded(module, x2)
+        assert out2.shape == x2.shape, f"{spec}: 2-D output shape"
+        torch.testing.assert_close(out2, seeded(module, x2[:, :, None, None]).reshape(x2.shape),
+                                   msg=f"{spec}: (N, C) differs from (N, C, 1, 1)")
+
+
+def check_running_stats_train_only(spec: str) -> None:
+    """Buffers move in train mode (exactly when the traits say running_stats) and never in eval mode."""
+    module = build(spec)
+    before = buffers(module)
+    seeded(module.train(), sample((8, C, 3, 3)))
+    after_train = buffers(module)
+    seeded(module.eval(), sample((8, C, 3, 3), seed=2))
+    for key, value in buffers(module).items():
+        assert torch.equal(value, after_train[key]), f"{spec}: buffer '{key}' changed in eval mode"
+    changed = any(not torch.equal(before[k], after_train[k]) for k in before)
+    assert changed == traits_of(module).running_stats, \
+        f"{spec}: running statistics {'changed' if changed else 'did not change'} in train mode but the traits " \
+        f"say running_stats={traits_of(module).running_stats}"
+
+
+def check_eval_deterministic(spec: str) -> None:
+    """Eval mode gives the same output twice, and a sample's output does not depend on the rest of the batch."""
+    module = trained(spec).eval()
+    x = sample((6, C, 3, 3), seed=9)
+    out = module(x)
+    torch.testing.assert_close(module(x), out, rtol=0, atol=0, msg=f"{spec}: eval is not deterministic")
+    torch.testing.assert_close(module(x[:2]), out[:2], msg=f"{spec}: eval output depends on the batch")
+
+
+def check_state_dict_round_trip(spec: str) -> None:
+    module = trained(spec)
+    fresh = create_norm(spec, C)
+    fresh.load_state_dict(module.state_dict())
+    x = sample((5, C, 3, 3), seed=7)
+    torch.testing.assert_close(fresh.eval()(x), module.eval()(x), rtol=0, atol=0,
+                               msg=f"{spec}: a fresh norm loaded with the state_dict differs")
+
+
+def check_reset_parameters(spec: str) -> None:
+    module = build(spec)
+    seeded(module.train(), sample((8, C, 3, 3)))
+    module.reset_parameters()
+    for (name, a), b in zip(module.state_dict().items(), create_norm(spec, C).state_dict().values()):
+        torch.testing.assert_close(a, b, msg=f"{spec}: reset_parameters() leaves '{name}' changed")
+
+
+def check_channels_last(spec: str) -> None:
+    """channels_last input gives the same output and input gradient as contiguous input."""
+    module = build(spec)
+    x = sample((8, C, 5, 4))
+    for train in (True, False):
+        module.train(train)
+        a, b = x.clone().requires_grad_(), x.to(memory_format=torch.channels_last).requires_grad_()
+        out_a, out_b = seeded(module, a), seeded(module, b)
+        torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5, msg=f"{spec}: channels_last output")
+        grad = sample(x.shape, seed=4)
+        out_a.backward(grad)
+        out_b.backward(grad)
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=f"{spec}: channels_last gradient")
+
+
+def check_bfloat16(spec: str) -> None:
+    """A float32 norm takes bfloat16 input, returns bfloat16 close to the float32 result, and backpropagates."""
+    module = build(spec)
+    x = sample((16, C, 4, 4))
+    for train in (True, False):
+        module.train(train)
+        ref = seeded(module, x)
+        xb = x.bfloat16().requires_grad_()
+        out = seeded(module, xb)
+        assert out.dtype == torch.bfloat16, f"{spec}: bfloat16 input gave {out.dtype}"
+        torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05, msg=f"{spec}: bfloat16 output")
+        out.float().sum().backward()
+        assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all(), f"{spec}: bf16 gradient"
+
+
+def _call_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``module(x)`` with the given affine parameters and the RNG reseeded (one fixed draw of any noise)."""
+    params = {} if weight is None else {"weight": weight, "bias": bias}
+    torch.manual_seed(0)
+    return torch.func.functional_call(module, params, (x,))
+
+
+def check_gradcheck(spec: str) -> None:
+    """float64 gradcheck of the input and affine gradients, in train mode and in eval mode."""
+    for train in (True, False):
+        module = (trained(spec, torch.float64) if not train else build(spec, dtype=torch.float64)).train(train)
+        x = sample((5, C, 3, 2), torch.float64).requires_grad_()
+        has_params = getattr(module, "weight", None) is not None
+        weight = module.weight.detach().clone().requires_grad_() if has_params else None
+        bias = module.bias.detach().clone().requires_grad_() if has_params else None
+        inputs = (x, weight, bias) if has_params else (x,)
+        assert torch.autograd.gradcheck(lambda *args: _call_with(module, *args), inputs, eps=1e-6, atol=1e-6), \
+            f"{spec}: gradcheck failed in {'train' if train else 'eval'} mode"
+
+
+def _train_step(backbone: str, spec: str, in_chans: int = 3) -> None:
+    from normzoo.inject import find_norms
+    from normzoo.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(backbone, spec, num_classes=10, in_chans=in_chans)
+    if parse_norm(spec).family != "none":
+        assert find_norms(model), f"{spec}: no norm layer ended up in {backbone}"
+    x, y = sample((4, in_chans, 32, 32)), torch.arange(4) % 10
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(model.train()(x), y)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss), f"{spec}: non-finite loss in {backbone}"
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), f"{spec}: {backbone} did not train"
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(x)).all(), f"{spec}: non-finite eval output in {backbone}"
+
+
+def check_in_vgg11(spec: str) -> None:
+    """One SGD step of a (narrow) CIFAR VGG-11 with the norm after every conv, then an eval forward."""
+    _train_step("vgg11,width=0.125", spec)
+
+
+def check_in_timm(spec: str) -> None:
+    """One SGD step of timm's resnet18 with every norm swapped for this one, then an eval forward."""
+    _train_step("timm:resnet18", spec)
+
+
+NORM_CHECKS: list[Check] = [check_constructor, check_shapes, check_running_stats_train_only,
+                            check_eval_deterministic, check_state_dict_round_trip, check_reset_parameters,
+                            check_channels_last, check_bfloat16, check_gradcheck, check_in_vgg11, check_in_timm]
+
+
+def check_norm(spec: str, checks: Sequence[Check] = NORM_CHECKS) -> None:
+    """Run every check on one registered norm spec (raises ``AssertionError`` at the first failure)."""
+    for check in checks:
+        check(spec)
+
+
+def norm_contract(specs: Sequence[str], checks: Sequence[Check] = NORM_CHECKS) -> Callable[..., None]:
+    """A pytest test, parametrized over ``specs`` × ``checks``; assign it to a ``test_*`` name in a test module."""
+    import pytest
+
+    cases = [pytest.param(spec, check, id=f"{check.__name__.removeprefix('check_')}[{spec}]")
+             for spec in specs for check in checks]
+
+    @pytest.mark.parametrize("spec, check", cases)
+    def test_norm_contract(spec: str, check: Check) -> None:
+        check(spec)
+
+    return test_norm_contract
+
+
+__all__ = ["NORM_CHECKS", "check_norm", "norm_contract", *[c.__name__ for c in NORM_CHECKS]]
