@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,11 @@ class Registry:
             first = self._entries[name].plugin
             raise PluginError(f"{self.kind[:-1]} '{name}' is registered by both plugin '{first}' and plugin "
                               f"'{plugin}'; the one from '{first}' is kept")
+        if self.kind == "norms":
+            problem = norm_constructor_problem(factory)
+            if problem:
+                raise PluginError(f"plugin '{plugin}': norm '{name}' breaks the constructor contract "
+                                  f"Norm(num_features, *, eps, affine, device=None, dtype=None, **params): {problem}")
         params = params_from_signature(factory, RESERVED)
         if positional is not None and positional not in {p.name for p in params}:
             raise PluginError(f"plugin '{plugin}': {self.kind[:-1]} '{name}' declares positional '{positional}', "
@@ -99,3 +105,23 @@ class Registry:
         """Parse ``spec`` and call its factory with ``*args``, the core's ``**kwargs`` and the spec's values."""
         parsed = self.parse(spec)
         return self._entries[parsed.family].factory(*args, **kwargs, **parsed.kwargs)
+
+
+def norm_constructor_problem(factory: Callable[..., Any]) -> str:
+    """What is wrong with a norm factory's signature, or ``""``: it must take the channel count first and accept
+    ``device`` and ``dtype`` keywords (the core and timm's ``norm_layer=`` pass them)."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return "its signature cannot be inspected"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not positional or positional[0].name != "num_features":
+        first = positional[0].name if positional else "none"
+        return f"the first positional parameter must be num_features (it is {first})"
+    required = [p.name for p in positional[1:] if p.default is p.empty]
+    if required:
+        return f"parameters after num_features need defaults ({', '.join(required)} do not)"
+    names = {p.name for p in params}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    missing = [k for k in ("device", "dtype") if k not in names and not takes_any]
+    return f"it does not accept {' or '.join(missing)}" if missing else ""

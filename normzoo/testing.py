@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -176,24 +175,25 @@ def check_bfloat16(spec: str) -> None:
         assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all(), f"{spec}: bf16 gradient"
 
 
-def _call_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``module(x)`` with the given affine parameters and the RNG reseeded (one fixed draw of any noise)."""
-    params = {} if weight is None else {"weight": weight, "bias": bias}
-    torch.manual_seed(0)
-    return torch.func.functional_call(module, params, (x,))
-
-
 def check_gradcheck(spec: str) -> None:
-    """float64 gradcheck of the input and affine gradients, in train mode and in eval mode."""
+    """float64 gradcheck of the input and affine gradients, in train mode and in eval mode.
+
+    A norm that computes internally in float32 whatever its input (it sets ``float32_internals = True``; timm's
+    EvoNorms do) is checked with a step and tolerances that float32 rounding allows: 1e-3 rather than 1e-6.
+    """
     for train in (True, False):
         module = (trained(spec, torch.float64) if not train else build(spec, dtype=torch.float64)).train(train)
+        step = 1e-3 if getattr(module, "float32_internals", False) else 1e-6
         x = sample((5, C, 3, 2), torch.float64).requires_grad_()
-        has_params = getattr(module, "weight", None) is not None
-        weight = module.weight.detach().clone().requires_grad_() if has_params else None
-        bias = module.bias.detach().clone().requires_grad_() if has_params else None
-        inputs = (x, weight, bias) if has_params else (x,)
-        assert torch.autograd.gradcheck(lambda *args: _call_with(module, *args), inputs, eps=1e-6, atol=1e-6), \
+        affine = {name: getattr(module, name).detach().clone().requires_grad_() for name in ("weight", "bias")
+                  if isinstance(getattr(module, name, None), torch.Tensor) and getattr(module, name).requires_grad}
+
+        def call(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+            torch.manual_seed(0)  # one fixed draw of any noise
+            return torch.func.functional_call(module, dict(zip(affine, params)), (x,))
+
+        assert torch.autograd.gradcheck(call, (x, *affine.values()), eps=step, atol=step,
+                                         rtol=1e-3 if step < 1e-4 else 2e-2), \
             f"{spec}: gradcheck failed in {'train' if train else 'eval'} mode"
 
 

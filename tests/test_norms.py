@@ -29,7 +29,6 @@ from normzoo.norms import (
 )
 from normzoo.norms.base import create_norm, parse_norm, traits_of
 from normzoo.plugins import registry
-from normzoo.testing import _call_with as call_with
 from normzoo.testing import build, norm_contract, sample, seeded
 
 BUILTINS = {"none": NoNorm, "bn": BatchNorm, "noisy-bn": NoisyBatchNorm, "lp": LpNorm, "gn": GroupNorm,
@@ -214,6 +213,13 @@ def test_centered_l2_norm_is_batch_norm_up_to_eps():
 
 
 # -- gradients -----------------------------------------------------------------------------------------------------
+def call_with(module, x, weight=None, bias=None):
+    """``module(x)`` with the given affine parameters and the RNG reseeded (one fixed draw of any noise)."""
+    params = {} if weight is None else {"weight": weight, "bias": bias}
+    torch.manual_seed(0)
+    return torch.func.functional_call(module, params, (x,))
+
+
 @pytest.mark.parametrize("spec", ["lp", "lp:1,centered=true", "lp:inf", "l1-bn", "topk-bn:3"])
 def test_double_backward(spec):
     """Hessian-vector products (create_graph=True) go through the plain reference."""

@@ -186,3 +186,25 @@ def test_load_plugins_env_selects_external_plugins(site, monkeypatch, selection,
 
 def test_plugin_error_type_is_user_facing():
     assert issubclass(PluginError, Exception) and PluginError.exit_code == 2
+
+
+class BadNorms:
+    """Norms that break the constructor contract, next to one that keeps it."""
+
+    @hookimpl
+    def register_norms(self, register):
+        register("channels-second", lambda eps, num_features: nn.Identity(), summary="wrong order")
+        register("no-device", lambda num_features, *, eps=1e-5: nn.Identity(), summary="no device/dtype")
+        register("good", IdentNorm, summary="keeps the contract")
+
+
+def test_norm_breaking_the_constructor_contract_is_reported_naming_the_plugin(fresh_plugins, capsys):
+    fresh_plugins.register(BadNorms(), name="bad-norms")
+    norms = fresh_plugins.registry("norms")
+    assert "good" in norms and "bn" in norms
+    assert "channels-second" not in norms and "no-device" not in norms
+    errors = " | ".join(fresh_plugins.info["bad-norms"].errors)
+    assert "plugin 'bad-norms': norm 'channels-second' breaks the constructor contract" in errors
+    assert "first positional parameter must be num_features (it is eps)" in errors
+    assert "norm 'no-device'" in errors and "does not accept device or dtype" in errors
+    assert "bad-norms" in capsys.readouterr().err
