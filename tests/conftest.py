@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +33,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def install_fake_distribution(root: Path, dist: str, module: str, source: str, ep_name: str | None = None) -> None:
+    """Write a real (if minimal) installed distribution: a module plus a .dist-info with an entry point."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-0.3.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3.1\n")
+    (info / "entry_points.txt").write_text(f"[normzoo]\n{ep_name or dist} = {module}\n")
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch, fresh_plugins):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in [m for m in sys.modules if m.startswith("nz_test_")]:
+        del sys.modules[name]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 from torch import nn
@@ -12,6 +10,8 @@ from torch import nn
 from normzoo import hookimpl
 from normzoo.errors import PluginError
 from normzoo.plugins import get_plugins, reset_plugins
+
+from conftest import install_fake_distribution
 
 
 class OneNorm:
@@ -25,23 +25,6 @@ class OneNorm:
 class IdentNorm(nn.Identity):
     def __init__(self, num_features: int, *, scale: float = 1.0, device=None, dtype=None) -> None:
         super().__init__()
-
-
-def install_fake_distribution(root: Path, dist: str, module: str, source: str, ep_name: str | None = None) -> None:
-    """Write a real (if minimal) installed distribution: a module plus a .dist-info with an entry point."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-0.3.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3.1\n")
-    (info / "entry_points.txt").write_text(f"[normzoo]\n{ep_name or dist} = {module}\n")
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch, fresh_plugins):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    for name in [m for m in sys.modules if m.startswith("nz_test_")]:
-        del sys.modules[name]
 
 
 def test_builtins_are_registered_through_the_hooks(fresh_plugins):

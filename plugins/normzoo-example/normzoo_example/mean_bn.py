@@ -1,0 +1,53 @@
+"""Mean-only batch normalization (Salimans & Kingma 2016, "Weight Normalization", §2.2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from normzoo import NormTraits
+
+
+class MeanOnlyBatchNorm(nn.Module):
+    """y = γ · (x − µ_B) + β with µ_B the per-channel batch mean in training, a running mean in eval mode.
+
+    The constructor follows normzoo's norm contract: channels first, then keyword-only ``eps``, ``affine``, the
+    norm's own parameters (here ``momentum``), ``device`` and ``dtype``. ``eps`` is unused (nothing is divided)
+    but part of the contract, so that any norm can stand in for any other.
+    """
+
+    traits = NormTraits(batch_dependent=True, running_stats=True, min_values=2)
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, momentum: float = 0.1,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features, self.eps, self.affine, self.momentum = num_features, eps, affine, momentum
+        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.running_mean.zero_()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # (N, C) and (N, C, H, W) alike
+        if self.training:
+            mean = x.mean(dim=[d for d in range(x.dim()) if d != 1])
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+        else:
+            mean = self.running_mean
+        out = x - mean.to(x.dtype).view(shape)
+        if self.affine:
+            out = out * self.weight.to(x.dtype).view(shape) + self.bias.to(x.dtype).view(shape)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, affine={self.affine}, momentum={self.momentum}"
