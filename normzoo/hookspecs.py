@@ -42,7 +42,9 @@ def register_norms(register: Register) -> None:
     that accepts ``(N, C)`` and ``(N, C, H, W)`` inputs, defines train and eval behaviour and owns its
     ``reset_parameters()``. It should have a ``traits`` attribute (a ``normzoo.NormTraits``) saying whether
     it depends on the batch, keeps running statistics and the fewest values per channel it needs.
-    The constructor convention is ``Norm(num_features, *, eps, affine, device=None, dtype=None, **params)``.
+    The constructor convention is ``Norm(num_features, *, eps, affine, device=None, dtype=None, **params)``;
+    a factory whose signature does not take ``num_features`` first or cannot take ``device``/``dtype`` is refused
+    at registration with an error naming the plugin. ``normzoo.testing.norm_contract`` checks the rest.
     """
 
 

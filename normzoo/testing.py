@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.gradcheck import GradcheckError
 
 from normzoo.norms.base import NormTraits, create_norm, parse_norm, traits_of
 
@@ -192,9 +193,12 @@ def check_gradcheck(spec: str) -> None:
             torch.manual_seed(0)  # one fixed draw of any noise
             return torch.func.functional_call(module, dict(zip(affine, params)), (x,))
 
-        assert torch.autograd.gradcheck(call, (x, *affine.values()), eps=step, atol=step,
-                                         rtol=1e-3 if step < 1e-4 else 2e-2), \
-            f"{spec}: gradcheck failed in {'train' if train else 'eval'} mode"
+        try:
+            torch.autograd.gradcheck(call, (x, *affine.values()), eps=step, atol=step,
+                                     rtol=1e-3 if step < 1e-4 else 2e-2)
+        except GradcheckError as exc:
+            raise AssertionError(f"{spec}: gradcheck failed in {'train' if train else 'eval'} mode: "
+                                 f"{str(exc).splitlines()[0]}") from exc
 
 
 def _train_step(backbone: str, spec: str, in_chans: int = 3) -> None:
