@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from normzoo.cli import cli
 from normzoo.cli_run import RUN_OPTIONS, RunOption
 from normzoo.errors import NormzooError
+
+if TYPE_CHECKING:
+    from normzoo.sweep import PlannedRun
 
 SWEEP_EPILOG = """\b
 Examples:
@@ -100,7 +103,7 @@ def sweep(probes: tuple[str, ...], out: str, jobs: int, retry_failed: bool, dry_
         raise SystemExit(1)
 
 
-def validate(runs: list[Any]) -> None:
+def validate(runs: list[PlannedRun]) -> None:
     """Every run's settings and specs are checked before the first run starts."""
     from normzoo.config import RunConfig, apply_preset
     from normzoo.plugins import registry

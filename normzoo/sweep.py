@@ -43,13 +43,13 @@ def split_specs(text: str) -> list[str]:
     """
     items: list[str] = []
     for group in text.split(";"):
+        specs: list[str] = []
         for piece in (p.strip() for p in group.split(",")):
-            if not piece:
-                continue
-            if items and "=" in piece.split(":")[0] and group.strip():
-                items[-1] = f"{items[-1]},{piece}"
-            else:
-                items.append(piece)
+            if piece and specs and "=" in piece.split(":")[0]:
+                specs[-1] = f"{specs[-1]},{piece}"
+            elif piece:
+                specs.append(piece)
+        items += specs
     return items
 
 
