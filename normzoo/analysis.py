@@ -56,6 +56,8 @@ def load_run(path: str | Path) -> Run:
         config = json.loads(run_dir.config.read_text())
     except FileNotFoundError:
         raise NormzooError(f"{path} is not a run folder (no config.json)") from None
+    except ValueError as exc:
+        raise NormzooError(f"{run_dir.config} is not valid JSON: {exc}") from None
     summary: dict[str, str] = {}
     if run_dir.summary.exists():
         with run_dir.summary.open(newline="") as f:

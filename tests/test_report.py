@@ -145,6 +145,9 @@ def test_report_of_one_run_and_of_a_folder_without_runs(runs_dir, tmp_path):
     assert "1 runs (1 finished) in 1 schemes" in files.markdown.read_text()
     result = CliRunner().invoke(cli, ["report", str(tmp_path / "one" / "report-figures")])
     assert result.exit_code == 2 and "holds no runs" in result.output
+    (single / "config.json").write_text("{not json")
+    result = CliRunner().invoke(cli, ["report", str(single)])
+    assert result.exit_code == 2 and "config.json is not valid JSON" in result.output
 
 
 CHECK_SCRIPT = """<script>
