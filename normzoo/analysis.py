@@ -6,7 +6,6 @@ can be made from runs of another machine, an interrupted sweep, or a sweep still
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -58,11 +57,7 @@ def load_run(path: str | Path) -> Run:
         raise NormzooError(f"{path} is not a run folder (no config.json)") from None
     except ValueError as exc:
         raise NormzooError(f"{run_dir.config} is not valid JSON: {exc}") from None
-    summary: dict[str, str] = {}
-    if run_dir.summary.exists():
-        with run_dir.summary.open(newline="") as f:
-            summary = next(csv.DictReader(f), {})
-    run = Run(Path(path), config, summary)
+    run = Run(Path(path), config, run_dir.read_summary())
     for record in run_dir.read_log():
         kind = record.get("type")
         if kind == "train":

@@ -67,11 +67,25 @@ class RunDir:
         return [r for r in map(_parse, self.metrics.read_text().splitlines()) if r is not None]
 
     def write_summary(self, row: dict[str, Any]) -> None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerow({k: _fmt(row.get(k)) for k in SUMMARY_FIELDS})
-        atomic_write_text(self.summary, buffer.getvalue())
+        write_csv(self.summary, SUMMARY_FIELDS, [row])
+
+    def read_summary(self) -> dict[str, str]:
+        """The summary row as strings, or ``{}`` while the run has none."""
+        try:
+            with self.summary.open(newline="") as f:
+                return next(csv.DictReader(f), {})
+        except FileNotFoundError:
+            return {}
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> Path:
+    """Atomically write ``rows`` (floats to 6 significant digits, None as empty) under a header of ``columns``."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row.get(k)) for k in columns})
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def _parse(line: str) -> dict[str, Any] | None:

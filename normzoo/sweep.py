@@ -9,8 +9,6 @@ asked to retry them. ``sweep.csv`` is rewritten after every run, one row per run
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import os
@@ -24,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from normzoo.errors import NormzooError
-from normzoo.io import atomic_write_json, atomic_write_text
-from normzoo.rundir import SUMMARY_FIELDS, RunDir
+from normzoo.io import atomic_write_json
+from normzoo.rundir import SUMMARY_FIELDS, RunDir, write_csv
 
 SWEEP_FILE = "sweep.json"
 SWEEP_CSV = "sweep.csv"
@@ -124,11 +122,7 @@ def read_record(path: Path) -> dict[str, Any]:
 
 
 def read_summary(path: Path) -> dict[str, str]:
-    try:
-        with (path / "summary.csv").open(newline="") as f:
-            return next(csv.DictReader(f), {})
-    except FileNotFoundError:
-        return {}
+    return RunDir(path).read_summary()
 
 
 def run_state(path: Path) -> str:
@@ -285,7 +279,7 @@ class Sweep:
                     if slot.process is not None and slot.process.poll() is not None:
                         self.reap(slot)
                         bar.update(1)
-                        write_csv(self.out, self.runs)
+                        write_sweep_csv(self.out, self.runs)
                     if slot.process is None and todo and not self.stopping:
                         self.launch(slot, *todo.pop(0))
                 if self.stopping and not any(s.process for s in self.slots):
@@ -296,7 +290,7 @@ class Sweep:
                 signal.signal(sig, handler)
             bar.close()
             self.echo = echo
-        write_csv(self.out, self.runs)
+        write_sweep_csv(self.out, self.runs)
         counts: dict[str, int] = {}
         for run in self.runs:
             state = run_state(run.path)
@@ -348,7 +342,7 @@ def sweep_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_csv(out: Path, runs: Sequence[PlannedRun]) -> Path:
+def write_sweep_csv(out: Path, runs: Sequence[PlannedRun]) -> Path:
     rows = sweep_rows(runs)
     columns: list[str] = ["run"]
     for row in rows:
@@ -357,15 +351,4 @@ def write_csv(out: Path, runs: Sequence[PlannedRun]) -> Path:
     for row in rows:
         columns += [k for k in row if k not in columns and k not in ("wall_s", "error")]
     columns += ["wall_s", "error"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in columns})
-    return atomic_write_text(out / SWEEP_CSV, buffer.getvalue())
-
-
-def _fmt(value: Any) -> Any:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else value
+    return write_csv(out / SWEEP_CSV, columns, rows)
