@@ -122,7 +122,8 @@ def run(resume_dir: str | None, quiet: bool, probes: tuple[str, ...], **options:
         preset = explicit.pop("preset", None)
         values = apply_preset(preset, explicit) if preset else explicit
         result = runner.train(RunConfig(**values), quiet=quiet)
-    print_result(result, quiet)
+    if result.main:  # under torchrun, rank 0 speaks for the run
+        print_result(result, quiet)
 
 
 def print_result(result: Any, quiet: bool) -> None:

@@ -14,7 +14,7 @@ from normzoo.io import atomic_write_json, atomic_write_text
 SUMMARY_FIELDS = [
     "run", "backbone", "norm", "dataset", "seed", "lr", "batch_size", "status", "step", "total_steps",
     "diverged_step", "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "best_step",
-    "train_time_s", "probe_time_s", "images_per_s",
+    "train_time_s", "probe_time_s", "images_per_s", "world_size",
 ]
 
 

@@ -18,13 +18,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 
 from normzoo.config import RunConfig
+from normzoo.distributed import Replicas, local_statistics
 from normzoo.errors import NormzooError
 from normzoo.evaluate import evaluate
 from normzoo.probe import Probe, ProbeContext
 from normzoo.rundir import RunDir
+
+
+STOP_CHECK_EVERY = 10  # steps between the replicas' agreements on a stop request (Ctrl-C, SIGTERM)
 
 
 @dataclass
@@ -32,6 +37,7 @@ class RunResult:
     run_dir: Path
     status: str  # finished | diverged | interrupted
     summary: dict[str, Any] = field(default_factory=dict)
+    main: bool = True  # False on data-parallel replicas other than rank 0, which write and print nothing
 
 
 class StopRequest:
@@ -42,7 +48,8 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
+        # Only the same signal twice aborts: torchrun follows a terminal's Ctrl-C with its own SIGTERM.
+        if self.signum == signum:
             raise KeyboardInterrupt
         self.signum = signum
 
@@ -132,8 +139,10 @@ class Trainer:
         from normzoo.plugins import registry
 
         config.validate()
-        self.config, self.quiet, self.augment = config, quiet, augment
-        self.device = resolve_device(config.device)
+        self.replicas, self.device = Replicas.join(resolve_device(config.device))
+        self.replicas.check_batch_size(config.batch_size)
+        self.config, self.augment = config, augment
+        self.quiet = quiet or not self.replicas.is_main
         torch.manual_seed(config.seed)
         for kind, spec in [("norms", config.norm), ("backbones", config.backbone), ("datasets", config.dataset),
                            *[("probes", p) for p in config.probes]]:
@@ -146,6 +155,9 @@ class Trainer:
         model = build_model(config.backbone, config.norm, num_classes=self.data.num_classes,
                             in_chans=self.data.input_shape[0])
         config.backbone, config.norm = model.normzoo_config["backbone"], model.normzoo_config["norm"]
+        note = unsynced_norm_note(config.norm, self.replicas.world_size, config.batch_size)
+        if note and self.replicas.is_main:
+            print(note, file=sys.stderr)
         config.dataset = registry("datasets").parse(config.dataset).canonical()
         self.probes: list[Probe] = [registry("probes").build(spec) for spec in config.probes]
         self.probe_names = [registry("probes").parse(spec).family for spec in config.probes]
@@ -161,7 +173,11 @@ class Trainer:
         self.optimizer = make_optimizer(config, self.model)
         self.autocast, amp_dtype = autocast_for(config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype is torch.float16)
-        self.forward = torch.compile(self.model, mode=config.compile) if config.compile else self.model
+        self.eval_forward = torch.compile(self.model, mode=config.compile) if config.compile else self.model
+        self.forward = self.eval_forward
+        if self.replicas.active:  # the training forward all-reduces gradients; evaluation (rank 0 alone) must not
+            ddp = nn.parallel.DistributedDataParallel(self.model)
+            self.forward = torch.compile(ddp, mode=config.compile) if config.compile else ddp
         # CUDA graphs reuse their output buffers: each training step must be marked as a new one.
         self.cudagraph_steps = bool(config.compile) and "reduce-overhead" in config.compile
         self.loss_fn = F.cross_entropy if self.classification else F.mse_loss
@@ -170,6 +186,7 @@ class Trainer:
         self.run = RunDir(run_dir or Path(config.out) / (config.run_name or RunDir.new_name(
             model.normzoo_config["backbone"].split(",")[0], model.normzoo_config["norm"].split(",")[0],
             config.seed)))
+        self.log = self.run.log if self.replicas.is_main else (lambda record: None)
         self.state: dict[str, Any] = {"step": 0, "best_test_acc": None, "best_step": None, "first_loss": None,
                                       "train_time_s": 0.0, "probe_time_s": 0.0, "diverged_step": None}
 
@@ -204,16 +221,27 @@ class Trainer:
         if scaler:
             self.scaler.load_state_dict(scaler)
         self.state.update(extra)
-        self.run.truncate_log(self.state["step"])
+        self.replicas.broadcast_rng(self.device)  # CUDA states were saved for rank 0's device only
+        if self.replicas.is_main:
+            self.run.truncate_log(self.state["step"])
 
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self, *, resume: bool = False) -> RunResult:
+        try:
+            return self._fit(resume)
+        finally:
+            self.replicas.close()
+
+    def _fit(self, resume: bool) -> RunResult:
         from tqdm.auto import tqdm
 
         if resume:
             self.resume()
-        else:
+        elif self.replicas.is_main:
             self.run.create(self.config.to_dict())
+        if self.replicas.active:
+            self.log({"type": "replicas", "step": self.state["step"], "world_size": self.replicas.world_size,
+                      "backend": dist.get_backend()})
         model, opt, cfg, state = self.model, self.optimizer, self.config, self.state
         # Piped to a log file, redraw every 30 s instead of every step so the log stays readable.
         bar = tqdm(total=self.total, initial=state["step"], disable=self.quiet, unit="step",
@@ -229,15 +257,16 @@ class Trainer:
                 step = state["step"]
                 idx = sampler(step)
                 x, y = self.train_x[idx], self.train_y[idx]
-                if cfg.augment:
+                if cfg.augment:  # the whole batch on every replica: per-sample draws as in one process
                     x = self.augment(x)
                     if self.memory_format is not None:
                         x = x.contiguous(memory_format=self.memory_format)
+                x, y = self.replicas.share(x), self.replicas.share(y)
                 lr = lr_at(cfg, step, self.total)
                 if lr != opt.param_groups[0]["lr"]:
                     for group in opt.param_groups:
                         group["lr"] = lr
-                if self.probes:
+                if self.probes and self.replicas.is_main:
                     self.run_probes(x, y, lr, step)
                 if self.cudagraph_steps:
                     torch.compiler.cudagraph_mark_step_begin()
@@ -254,7 +283,8 @@ class Trainer:
                     window_correct += (out.detach().argmax(1) == y).sum()
                 window_steps += 1
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == self.total or stop.signum is not None:
+                stopping = self.stop_now(stop, step)
+                if step % cfg.log_every == 0 or step == self.total or stopping:
                     self.sync()  # the window's time must include the GPU work still queued
                     train_seconds = time.perf_counter() - window_start - self.window_probe_s
                     status = self.log_window(step, window_loss, window_correct, window_steps, train_seconds, bar)
@@ -262,9 +292,9 @@ class Trainer:
                     window_start, window_steps, self.window_probe_s = time.perf_counter(), 0, 0.0
                     if status == "diverged":
                         break
-                if step % self.eval_every == 0 or step == self.total or stop.signum is not None:
+                if step % self.eval_every == 0 or step == self.total or stopping:
                     test = self.evaluate_and_save(step)
-                if stop.signum is not None:
+                if stopping:
                     status = "interrupted"
                     break
         bar.close()
@@ -277,14 +307,18 @@ class Trainer:
         if not due:
             return
         context = ProbeContext(self.model, self.loss_fn, x, y, self.optimizer, lr, step, self.total)
+        scope = {"replicas": self.replicas.describe(len(y))} if self.replicas.active else {}
         for name, probe in due:
             self.sync()
             start = time.perf_counter()
-            values = probe.measure(context)
+            # Probes draw random numbers of their own; forking keeps the training stream (and the replicas) in step.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                    local_statistics():
+                values = probe.measure(context)
             self.sync()
             elapsed = time.perf_counter() - start
-            self.run.log({"type": "probe", "probe": name, "step": step, "batch_size": len(y),
-                          "mode": "train" if self.model.training else "eval", "seconds": elapsed, **values})
+            self.log({"type": "probe", "probe": name, "step": step, "batch_size": len(y),
+                      "mode": "train" if self.model.training else "eval", "seconds": elapsed, **values, **scope})
             self.state["probe_time_s"] += elapsed
             self.window_probe_s += elapsed  # training time and images/s exclude the probes
 
@@ -292,29 +326,42 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def stop_now(self, stop: StopRequest, step: int) -> bool:
+        """Whether to save and stop after ``step``; replicas must all stop at the same step."""
+        requested = stop.signum is not None
+        if not self.replicas.active:
+            return requested
+        # Agreeing costs a collective and a device sync, so replicas compare notes every few steps only.
+        if step % STOP_CHECK_EVERY and step % self.config.log_every and step != self.total:
+            return False
+        return self.replicas.any(requested, self.device)
+
     def log_window(self, step: int, loss_sum: torch.Tensor, correct: torch.Tensor, steps: int,
                    seconds: float, bar: Any) -> str:
-        loss = loss_sum.item() / steps
+        loss_sum, correct = self.replicas.sum(loss_sum, correct)  # global batch figures on every replica
+        loss = loss_sum.item() / (steps * self.replicas.world_size)
         acc = correct.item() / (steps * self.config.batch_size) if self.classification else None
         self.state["train_time_s"] += seconds
         first = self.state["first_loss"] = self.state["first_loss"] or loss
         record = {"type": "train", "step": step, "loss": loss, "acc": acc, "lr": lr_at(self.config, step - 1,
                   self.total), "images_per_s": steps * self.config.batch_size / max(seconds, 1e-9)}
-        self.run.log(record)
+        self.log(record)
         self.state.update(train_loss=loss, train_acc=acc, images_per_s=record["images_per_s"])
         bar.set_postfix(loss=f"{loss:.4f}", **({"acc": f"{acc:.3f}"} if acc is not None else {}),
                         img_s=f"{record['images_per_s']:.0f}", refresh=False)
         if not math.isfinite(loss) or loss > self.config.divergence_factor * first:
             self.state["diverged_step"] = step
-            self.run.log({"type": "diverged", "step": step, "loss": loss})
+            self.log({"type": "diverged", "step": step, "loss": loss})
             return "diverged"
         return "running"
 
     def evaluate_and_save(self, step: int) -> dict[str, float]:
+        if not self.replicas.is_main:  # replicas hold identical weights: rank 0 evaluates and writes
+            return {}
         with self.autocast():
-            test = evaluate(self.forward, self.model, self.test_x, self.test_y, self.loss_fn,
+            test = evaluate(self.eval_forward, self.model, self.test_x, self.test_y, self.loss_fn,
                             batch_size=max(self.config.batch_size, 256), classification=self.classification)
-        self.run.log({"type": "eval", "step": step, **test})
+        self.log({"type": "eval", "step": step, **test})
         metrics = {f"test_{k}": v for k, v in test.items()}
         self.save(metrics)
         score = test.get("acc", -test["loss"])
@@ -337,10 +384,26 @@ class Trainer:
             "best_test_acc": state["best_test_acc"] if self.classification else None,
             "best_step": state["best_step"], "train_time_s": state["train_time_s"],
             "probe_time_s": state["probe_time_s"], "images_per_s": state.get("images_per_s"),
+            "world_size": self.replicas.world_size,
         }
-        self.run.log({"type": "status", "step": state["step"], "status": status})
+        if not self.replicas.is_main:
+            return RunResult(self.run.path, status, summary, main=False)
+        self.log({"type": "status", "step": state["step"], "status": status})
         self.run.write_summary(summary)
         return RunResult(self.run.path, status, summary)
+
+
+def unsynced_norm_note(norm: str, world_size: int, batch_size: int) -> str | None:
+    """A warning when data-parallel replicas would each normalize only their own share of the batch."""
+    from normzoo.norms.base import create_norm, parse_norm, traits_of
+
+    spec = parse_norm(norm)
+    if world_size < 2 or spec.kwargs.get("sync", True) or not traits_of(create_norm(spec, 2)).batch_dependent:
+        return None
+    synced = spec.short() + (",sync=true" if ":" in spec.short() else ":sync=true")
+    return (f"note: {spec.short()} normalizes each replica's {batch_size // world_size}-sample share of the "
+            f"{batch_size}-sample batch; add sync=true to the norm spec (e.g. --norm {synced}) to normalize over "
+            "the whole batch")
 
 
 def train(config: RunConfig, *, quiet: bool = False) -> RunResult:

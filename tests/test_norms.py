@@ -70,7 +70,7 @@ def test_constructor_contract(name):
 
 def test_spec_parsing_and_canonical_forms():
     assert parse_norm("lp:inf").kwargs["p"] == math.inf
-    assert parse_norm("lp:1,centered=true").canonical() == "lp:1,centered=true,eps=1e-05,affine=true,momentum=0.1"
+    assert parse_norm("lp:1,centered=true").canonical() == "lp:1,centered=true,eps=1e-05,affine=true,momentum=0.1,sync=false"
     assert create_norm("noisy-bn:where=before,eval=none", 3).where == "before"
     with pytest.raises(SpecError, match="after, before"):
         parse_norm("noisy-bn:where=middle")

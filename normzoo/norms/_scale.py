@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normzoo.distributed import ChannelReduce, SyncedChannelReduce, sync_active
 from normzoo.norms.base import NormTraits, as_channels_first_4d
 
 _DIMS = (0, 2, 3)
@@ -231,7 +232,7 @@ class BatchScaleNorm(nn.Module):
     traits = NormTraits(batch_dependent=True, running_stats=True, min_values=2)
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, momentum: float = 0.1,
-                 device: Any = None, dtype: Any = None) -> None:
+                 sync: bool = False, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         if num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be positive, got {num_features}")
@@ -244,6 +245,7 @@ class BatchScaleNorm(nn.Module):
         self.eps = float(eps)
         self.affine = affine
         self.momentum = float(momentum)
+        self.sync = bool(sync)
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -260,8 +262,11 @@ class BatchScaleNorm(nn.Module):
         """Batch mean, scale and ds/dx of a (N, C, H, W) tensor in the compute dtype (no autograd)."""
         raise NotImplementedError
 
-    def _reference_scale(self, x: Tensor, mean: Tensor) -> Tensor:
-        """The scale as plain differentiable ops: x (N, C, H, W), mean (1, C, 1, 1) -> (1, C, 1, 1)."""
+    def _reference_scale(self, x: Tensor, mean: Tensor, reduce: ChannelReduce) -> Tensor:
+        """The scale as plain differentiable ops: x (N, C, H, W), mean (1, C, 1, 1) -> (1, C, 1, 1).
+
+        Per-channel reductions go through ``reduce``, so the same code computes the replica-synced statistics.
+        """
         raise NotImplementedError
 
     # -- parameters and running statistics -----------------------------------------------------------------------
@@ -277,7 +282,8 @@ class BatchScaleNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, momentum={self.momentum}"
+        sync = ", sync=True" if self.sync else ""
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, momentum={self.momentum}{sync}"
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
@@ -293,7 +299,11 @@ class BatchScaleNorm(nn.Module):
         self._check_input(x)
         if not self.training:
             return self.eval_forward(x)
-        out, mean, scale = _BatchScaleNormFn.apply(x, self.weight, self.bias, self)
+        if sync_active(self.sync):  # statistics of every replica's batch: plain ops around differentiable gathers
+            out, mean, scale = self._reference(x, self.weight, self.bias, SyncedChannelReduce())
+            mean, scale = mean.detach().flatten(), scale.detach().flatten()
+        else:
+            out, mean, scale = _BatchScaleNormFn.apply(x, self.weight, self.bias, self)
         with torch.no_grad():
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
             self.running_scale.lerp_(scale.to(self.running_scale.dtype), self.momentum)
@@ -313,15 +323,21 @@ class BatchScaleNorm(nn.Module):
 
     def reference_forward(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """The train-mode output written with plain autograd ops (tests, double backward); no running update."""
+        return self._reference(x, weight, bias, ChannelReduce())[0]
+
+    def _reference(self, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   reduce: ChannelReduce) -> tuple[Tensor, Tensor, Tensor]:
+        """Output, batch mean and batch scale, in plain autograd ops with the statistics taken by ``reduce``."""
         cdtype = compute_dtype(x.dtype)
         x4 = as_channels_first_4d(x).to(cdtype)
-        mean = x4.mean(_DIMS, keepdim=True)
-        y = (x4 - mean) / (self._reference_scale(x4, mean) + self.eps)
+        mean = reduce.mean(x4)
+        scale = self._reference_scale(x4, mean, reduce)
+        y = (x4 - mean) / (scale + self.eps)
         if weight is not None:
             y = y * channel(weight.to(cdtype))
         if bias is not None:
             y = y + channel(bias.to(cdtype))
-        return y.to(x.dtype).reshape(x.shape)
+        return y.to(x.dtype).reshape(x.shape), mean, scale
 
 
 def nan_free_reciprocal(s: Tensor, numerator: float) -> Tensor:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from normzoo.distributed import ChannelReduce
 from normzoo.norms._scale import SQRT_HALF_PI, BatchScaleNorm, ScaleStats, SparseScaleGrad
 from normzoo.norms.lp import power_mean_stats, reference_power_mean
 
@@ -31,14 +32,15 @@ class L1BatchNorm(BatchScaleNorm):
     """L1 batch norm: ``γ (x − µ) / (sqrt(π/2) · mean|x − µ| + eps) + β`` per channel."""
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, momentum: float = 0.1,
-                 device: Any = None, dtype: Any = None) -> None:
-        super().__init__(num_features, eps=eps, affine=affine, momentum=momentum, device=device, dtype=dtype)
+                 sync: bool = False, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(num_features, eps=eps, affine=affine, momentum=momentum, sync=sync, device=device,
+                         dtype=dtype)
 
     def _batch_stats(self, x: Tensor) -> ScaleStats:
         return power_mean_stats(x, 1.0, True, SQRT_HALF_PI)
 
-    def _reference_scale(self, x: Tensor, mean: Tensor) -> Tensor:
-        return SQRT_HALF_PI * reference_power_mean(x - mean, 1.0)
+    def _reference_scale(self, x: Tensor, mean: Tensor, reduce: ChannelReduce) -> Tensor:
+        return SQRT_HALF_PI * reference_power_mean(x - mean, 1.0, reduce)
 
 
 class TopKBatchNorm(BatchScaleNorm):
@@ -49,20 +51,18 @@ class TopKBatchNorm(BatchScaleNorm):
     """
 
     def __init__(self, num_features: int, *, k: int = 10, eps: float = 1e-5, affine: bool = True,
-                 momentum: float = 0.1, device: Any = None, dtype: Any = None) -> None:
+                 momentum: float = 0.1, sync: bool = False, device: Any = None, dtype: Any = None) -> None:
         if int(k) != k or k < 1:
             raise ValueError(f"topk-bn: k must be a positive integer, got {k}")
-        super().__init__(num_features, eps=eps, affine=affine, momentum=momentum, device=device, dtype=dtype)
+        super().__init__(num_features, eps=eps, affine=affine, momentum=momentum, sync=sync, device=device,
+                         dtype=dtype)
         self.k = int(k)
 
     def _batch_stats(self, x: Tensor) -> ScaleStats:
         return topk_stats(x, self.k)
 
-    def _reference_scale(self, x: Tensor, mean: Tensor) -> Tensor:
-        C = x.shape[1]
-        z = (x - mean).abs().transpose(0, 1).reshape(C, -1)
-        k = min(self.k, z.shape[1])
-        return z.topk(k, dim=1).values.mean(1).view(1, C, 1, 1)
+    def _reference_scale(self, x: Tensor, mean: Tensor, reduce: ChannelReduce) -> Tensor:
+        return reduce.topk_mean((x - mean).abs(), self.k)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, k={self.k}, " + super().extra_repr().split(", ", 1)[1]

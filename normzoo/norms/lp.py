@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from normzoo.distributed import ChannelReduce
 from normzoo.errors import SpecError
 from normzoo.norms._scale import (
     BatchScaleNorm,
@@ -91,27 +92,30 @@ class LpNorm(BatchScaleNorm):
     """
 
     def __init__(self, num_features: int, *, p: float = 2.0, centered: bool = False, eps: float = 1e-5,
-                 affine: bool = True, momentum: float = 0.1, device: Any = None, dtype: Any = None) -> None:
+                 affine: bool = True, momentum: float = 0.1, sync: bool = False, device: Any = None,
+                 dtype: Any = None) -> None:
         p = float(p)
         if math.isnan(p) or p < 1.0:
             raise SpecError(f"lp: p must be >= 1 (1, 2, inf or any p >= 1), got {p}; "
                             "M_p with p < 1 is not a norm")
-        super().__init__(num_features, eps=eps, affine=affine, momentum=momentum, device=device, dtype=dtype)
+        super().__init__(num_features, eps=eps, affine=affine, momentum=momentum, sync=sync, device=device,
+                         dtype=dtype)
         self.p = p
         self.centered = bool(centered)
 
     def _batch_stats(self, x: Tensor) -> ScaleStats:
         return power_mean_stats(x, self.p, self.centered)
 
-    def _reference_scale(self, x: Tensor, mean: Tensor) -> Tensor:
-        return reference_power_mean(x - mean if self.centered else x, self.p)
+    def _reference_scale(self, x: Tensor, mean: Tensor, reduce: ChannelReduce) -> Tensor:
+        return reference_power_mean(x - mean if self.centered else x, self.p, reduce)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, p={self.p}, centered={self.centered}, " + super().extra_repr().split(", ", 1)[1]
 
 
-def reference_power_mean(z: Tensor, p: float) -> Tensor:
-    """``M_p(z)`` per channel of (N, C, H, W) as (1, C, 1, 1), in plain autograd ops."""
+def reference_power_mean(z: Tensor, p: float, reduce: ChannelReduce | None = None) -> Tensor:
+    """``M_p(z)`` per channel of (N, C, H, W) as (1, C, 1, 1), in plain autograd ops (reductions by ``reduce``)."""
+    reduce = reduce or ChannelReduce()
     if math.isinf(p):
-        return z.abs().amax(_DIMS, keepdim=True)
-    return z.abs().pow(p).mean(_DIMS, keepdim=True).pow(1 / p)
+        return reduce.amax(z.abs())
+    return reduce.mean(z.abs().pow(p)).pow(1 / p)

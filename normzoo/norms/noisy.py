@@ -27,6 +27,11 @@ Randomness: the draws use torch's global generator of the input's device (``torc
 reproducible), in this order: µ (C values), σ (C values), the uniforms of m, the normals of s (each of the input's
 shape, in (N, C, H, W) order whatever the memory layout, so channels_last inputs get the same noise). Noise is
 drawn and applied in float32 for half/bfloat16 inputs (output in the input dtype), else in the input dtype.
+
+Data-parallel training (``torch.distributed``, more than one replica): every replica draws the per-element noise of
+the whole concatenated batch and keeps the rows of its own samples, so replicas never share noise and a run on N
+replicas sees the noise a single process would draw (replicas hold equal shares of the batch, as the runner's are;
+the cost is N times the draws). ``sync=true`` also takes the BN statistics over the concatenated batch.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normzoo.distributed import global_batch_rows, sync_active
 from normzoo.norms.base import NormTraits
 from normzoo.norms.batch import BatchNorm
 
@@ -51,7 +57,7 @@ class NoisyBatchNorm(BatchNorm):
     def __init__(self, num_features: int, *, mu: float = 0.5, sigma: float = 1.25, r_mu: float = 0.1,
                  r_sigma: float = 0.1, where: Literal["after", "before"] = "after",
                  eval: Literal["mean", "none"] = "mean", bn: bool = True, eps: float = 1e-5, affine: bool = True,
-                 momentum: float = 0.1, device: Any = None, dtype: Any = None) -> None:
+                 momentum: float = 0.1, sync: bool = False, device: Any = None, dtype: Any = None) -> None:
         for name, value in (("mu", mu), ("r_mu", r_mu), ("r_sigma", r_sigma)):
             if not value >= 0:
                 raise ValueError(f"noisy-bn: {name} must be >= 0, got {value}")
@@ -65,6 +71,7 @@ class NoisyBatchNorm(BatchNorm):
         self.where = where
         self.eval_noise = eval  # not ``self.eval``: that is nn.Module.eval()
         self.bn = bool(bn)
+        self.sync = bool(sync)
         if not self.bn:
             self.traits = NormTraits(batch_dependent=False, running_stats=False, min_values=1)
 
@@ -99,8 +106,9 @@ class NoisyBatchNorm(BatchNorm):
         mu_c = torch.rand(C, **kw).mul_(2 * self.mu).sub_(self.mu).view(shape)
         sigma_c = torch.rand(C, **kw).mul_(self.sigma - 1).add_(1).view(shape)
         # Fewest passes over the (RNG-bound) full-size tensors: draw in place, then one fused multiply-add into m.
-        m = torch.empty(a.shape, **kw).uniform_(-self.r_mu, self.r_mu).add_(mu_c)
-        s = torch.empty(a.shape, **kw).normal_(0.0, self.r_sigma).add_(sigma_c)
+        full, rows = global_batch_rows(a.shape)
+        m = torch.empty(full, **kw).uniform_(-self.r_mu, self.r_mu)[rows].add_(mu_c)
+        s = torch.empty(full, **kw).normal_(0.0, self.r_sigma)[rows].add_(sigma_c)
         out = m.addcmul_(a, s)
         if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous():
             out = out.contiguous(memory_format=torch.channels_last)
@@ -108,6 +116,8 @@ class NoisyBatchNorm(BatchNorm):
 
     def _batch_norm(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """``nn.BatchNorm2d.forward`` with the given affine (None: normalization only)."""
+        if self.training and sync_active(self.sync):
+            return self.synced_batch_norm(x, weight, bias)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -120,4 +130,4 @@ class NoisyBatchNorm(BatchNorm):
     def extra_repr(self) -> str:
         noise = (f"mu={self.mu}, sigma={self.sigma}, r_mu={self.r_mu}, r_sigma={self.r_sigma}, "
                  f"where={self.where}, eval={self.eval_noise}, bn={self.bn}")
-        return f"{super().extra_repr()}, {noise}" if self.bn else f"{self.num_features}, {noise}"
+        return f"{super().extra_repr()}, {noise}" if self.bn else f"{self.num_features}, {noise}, sync={self.sync}"

@@ -1,0 +1,108 @@
+"""``torchrun --nproc-per-node 2 -m normzoo run`` on CPU (gloo) against single-process runs of the same config.
+
+With a synced norm and ``--batch-size`` as the global batch, two replicas must train the same weights as one
+process, and a run must resume on a different number of processes: 2 replicas for steps 1-4 then 1 process for
+5-8, and 1 process then 2 replicas, both end where 8 single-process steps end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from normzoo.distributed import Replicas
+from normzoo.errors import NormzooError
+from normzoo.rundir import RunDir
+from normzoo.runner import unsynced_norm_note
+
+# noisy-bn with augmentation: the replicas must also draw the same per-sample randomness as one process.
+OPTIONS = ["--backbone", "vgg11,width=0.0625", "--dataset", "synthetic,n=96,n_test=32,size=32,channels=3,classes=4",
+           "--norm", "noisy-bn:sync=true", "--batch-size", "16", "--lr", "0.05", "--schedule", "constant", "--augment",
+           "--log-every", "2",
+           "--eval-every", "4", "--device", "cpu", "--quiet"]
+
+
+def normzoo_run(args: list[str], *, replicas: int = 1) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={replicas}"] if replicas > 1 else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, *launcher, "-m", "normzoo", "run", *args], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "last.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    normzoo_run([*OPTIONS, "--steps", "8", "--out", str(out), "--run-name", "run"])
+    return out / "run"
+
+
+def test_two_replicas_then_one_process_equal_one_process(single, tmp_path):
+    normzoo_run([*OPTIONS, "--steps", "4", "--out", str(tmp_path), "--run-name", "run", "--probe",
+                 "landscape:every=2"], replicas=2)
+    run = tmp_path / "run"
+    first = records(run)
+    assert {"type": "replicas", "step": 0, "world_size": 2, "backend": "gloo"} in first
+    probes = [r for r in first if r["type"] == "probe"]
+    assert [r["step"] for r in probes] == [0, 2] and all(r["batch_size"] == 8 for r in probes)
+    assert all(r["replicas"].startswith("rank 0 of 2 replicas") for r in probes)
+    train_losses = {r["step"]: r["loss"] for r in first if r["type"] == "train"}
+    single_losses = {r["step"]: r["loss"] for r in records(single) if r["type"] == "train"}
+    for step, loss in train_losses.items():  # the logged loss is the global batch's, not rank 0's share
+        assert loss == pytest.approx(single_losses[step], rel=1e-4)
+
+    normzoo_run(["--resume", str(run), "--steps", "8", "--quiet"])
+    assert_same_weights(run, single)
+    assert RunDir(run).read_summary()["world_size"] == "1"
+
+
+def test_one_process_then_two_replicas_equal_one_process(single, tmp_path):
+    normzoo_run([*OPTIONS, "--steps", "4", "--out", str(tmp_path), "--run-name", "run"])
+    result = normzoo_run(["--resume", str(tmp_path / "run"), "--steps", "8", "--quiet"], replicas=2)
+    assert result.stdout.strip() == str(tmp_path / "run")  # rank 0 alone prints
+    assert_same_weights(tmp_path / "run", single)
+    assert [r["step"] for r in records(tmp_path / "run") if r["type"] == "eval"] == [4, 8]
+    assert RunDir(tmp_path / "run").read_summary()["world_size"] == "2"
+
+
+def test_global_batch_must_split_evenly():
+    with pytest.raises(NormzooError, match="--batch-size 16 does not split evenly over 3 replicas"):
+        Replicas(rank=0, world_size=3).check_batch_size(16)
+    Replicas(rank=0, world_size=4).check_batch_size(16)
+
+
+def test_share_is_the_ranks_rows():
+    batch = torch.arange(12)
+    assert [Replicas(rank=r, world_size=3).share(batch).tolist() for r in range(3)] == \
+        [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_unsynced_batch_norm_gets_a_note():
+    note = unsynced_norm_note("lp:inf", 2, 128)
+    assert note and "64-sample share of the 128-sample batch" in note and "lp:inf,sync=true" in note
+    assert "bn:sync=true" in unsynced_norm_note("bn", 4, 128)
+    for quiet in [("bn:sync=true", 2), ("gn:2", 2), ("noisy-bn:bn=false", 2), ("bn", 1)]:
+        assert unsynced_norm_note(quiet[0], quiet[1], 128) is None
