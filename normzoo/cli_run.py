@@ -18,6 +18,7 @@ Examples:
   normzoo run --backbone vgg11 --norm noisy-bn --preset santurkar2018          # CIFAR-10, paper setting
   normzoo run --backbone timm:resnet18 --norm gn:8 --epochs 30 --compile reduce-overhead
   normzoo run --resume runs/20261123-101500-vgg11-lp_inf-s0                      # continue after Ctrl-C
+  torchrun --nproc-per-node 4 -m normzoo run --norm bn:sync=true --batch-size 512   # data-parallel, global batch
 """
 
 

@@ -398,12 +398,15 @@ def unsynced_norm_note(norm: str, world_size: int, batch_size: int) -> str | Non
     from normzoo.norms.base import create_norm, parse_norm, traits_of
 
     spec = parse_norm(norm)
-    if world_size < 2 or spec.kwargs.get("sync", True) or not traits_of(create_norm(spec, 2)).batch_dependent:
+    if world_size < 2 or spec.kwargs.get("sync") or not traits_of(create_norm(spec, 2)).batch_dependent:
         return None
-    synced = spec.short() + (",sync=true" if ":" in spec.short() else ":sync=true")
-    return (f"note: {spec.short()} normalizes each replica's {batch_size // world_size}-sample share of the "
-            f"{batch_size}-sample batch; add sync=true to the norm spec (e.g. --norm {synced}) to normalize over "
-            "the whole batch")
+    name = spec.short()
+    share = batch_size // world_size
+    note = f"note: {name} normalizes each replica's {share}-sample share of the {batch_size}-sample batch"
+    if "sync" not in spec.kwargs:
+        return f"{note} (it has no sync parameter)"
+    synced = name + (",sync=true" if ":" in name else ":sync=true")
+    return f"{note}; add sync=true to the norm spec (e.g. --norm {synced}) to normalize over the whole batch"
 
 
 def train(config: RunConfig, *, quiet: bool = False) -> RunResult:

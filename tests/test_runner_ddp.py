@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,5 +106,28 @@ def test_unsynced_batch_norm_gets_a_note():
     note = unsynced_norm_note("lp:inf", 2, 128)
     assert note and "64-sample share of the 128-sample batch" in note and "lp:inf,sync=true" in note
     assert "bn:sync=true" in unsynced_norm_note("bn", 4, 128)
+    assert unsynced_norm_note("mean-bn", 2, 128).endswith("(it has no sync parameter)")  # the example plugin's
     for quiet in [("bn:sync=true", 2), ("gn:2", 2), ("noisy-bn:bn=false", 2), ("bn", 1)]:
         assert unsynced_norm_note(quiet[0], quiet[1], 128) is None
+
+
+def test_ctrl_c_stops_every_replica_at_one_step_with_a_checkpoint(tmp_path):
+    """SIGINT to torchrun (what a terminal's Ctrl-C reaches): replicas agree on a step, rank 0 saves."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    options = [*OPTIONS, "--steps", "100000", "--out", str(tmp_path), "--run-name", "run"]
+    process = subprocess.Popen([*launcher, "-m", "normzoo", "run", *options], start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and '"train"' in log.read_text()):
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert "checkpoint saved" in stderr
+    status = records(tmp_path / "run")[-1]
+    assert status["type"] == "status" and status["status"] == "interrupted"
+    stopped = status["step"]
+    normzoo_run(["--resume", str(tmp_path / "run"), "--steps", str(stopped + 2), "--quiet"])
+    assert RunDir(tmp_path / "run").read_summary()["step"] == str(stopped + 2)
