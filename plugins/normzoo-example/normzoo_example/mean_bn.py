@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from normzoo import NormTraits
+from normzoo.distributed import channel_reduce
+from normzoo.norms.base import as_channels_first_4d
 
 
 class MeanOnlyBatchNorm(nn.Module):
@@ -16,15 +18,20 @@ class MeanOnlyBatchNorm(nn.Module):
     The constructor follows normzoo's norm contract: channels first, then keyword-only ``eps``, ``affine``, the
     norm's own parameters (here ``momentum``), ``device`` and ``dtype``. ``eps`` is unused (nothing is divided)
     but part of the contract, so that any norm can stand in for any other.
+
+    ``sync=true`` takes the mean over the batches of all data-parallel replicas (``torchrun``): the reductions of
+    ``normzoo.distributed.channel_reduce`` are differentiable collectives when replicas are running and plain
+    means otherwise, so one line serves both.
     """
 
     traits = NormTraits(batch_dependent=True, running_stats=True, min_values=2)
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, momentum: float = 0.1,
-                 device: Any = None, dtype: Any = None) -> None:
+                 sync: bool = False, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.affine, self.momentum = num_features, eps, affine, momentum
+        self.sync = sync
         self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
         self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
@@ -39,7 +46,7 @@ class MeanOnlyBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)  # (N, C) and (N, C, H, W) alike
         if self.training:
-            mean = x.mean(dim=[d for d in range(x.dim()) if d != 1])
+            mean = channel_reduce(self.sync).mean(as_channels_first_4d(x)).flatten()
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
         else:
@@ -50,4 +57,4 @@ class MeanOnlyBatchNorm(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, affine={self.affine}, momentum={self.momentum}"
+        return f"{self.num_features}, affine={self.affine}, momentum={self.momentum}, sync={self.sync}"
