@@ -20,6 +20,7 @@ Examples:
       --preset santurkar2018 --probe landscape:every=100 --out sweeps/santurkar
   normzoo sweep --norm "bn;lp:1,centered=true" --dataset fashion-mnist-mini --steps 500 --jobs 2 --out sweeps/lp
   normzoo sweep ... --out sweeps/santurkar --retry-failed     # same command again: skip finished, resume the rest
+  normzoo sweep --executor ray --address auto --norm bn,lp:inf --lr 0.1,0.5 --seed 0,1,2 --out sweeps/x
   normzoo report sweeps/santurkar
 """
 SPEC_OPTIONS = {"backbone", "norm", "dataset", "preset"}
@@ -64,12 +65,24 @@ def sweep_options(command: Any) -> Any:
 @click.option("--probe", "probes", multiple=True, help="Probe spec for every run, repeatable (see 'normzoo probes').")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="The sweep folder: one subfolder per run, sweep.json and sweep.csv.")
-@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
-              help="Runs at once: one per GPU when several are present, CPU threads split otherwise.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: each run is a process of this sweep, --jobs at once. ray: each run is a Ray task "
+                   "(pip install 'normzoo[ray]'); the sweep folder must be on a filesystem all nodes share.")
+@click.option("--address", help="With --executor ray: the cluster, as ray.init takes it (auto, HOST:PORT, "
+                                "ray://HOST:PORT).  [default: $RAY_ADDRESS, else a new local Ray instance]")
+@click.option("--cpus-per-run", type=click.FloatRange(0),
+              help="With --executor ray: CPUs each run requests (and its OpenMP threads).  [default: 1]")
+@click.option("--gpus-per-run", type=click.FloatRange(0),
+              help="With --executor ray: GPUs each run requests; a fraction shares a GPU.  [default: 1 for a run "
+                   "on CUDA (--device cuda, or auto when this machine has CUDA), else 0]")
+@click.option("--jobs", type=click.IntRange(1),
+              help="With --executor local: runs at once, one per GPU when several are present, CPU threads split "
+                   "otherwise.  [default: 1]")
 @click.option("--retry-failed", is_flag=True, help="Run failed runs again (from their checkpoint when they have one).")
 @click.option("--dry-run", is_flag=True, help="Print the runs and their commands without running anything.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep(probes: tuple[str, ...], out: str, jobs: int, retry_failed: bool, dry_run: bool, quiet: bool,
+def sweep(probes: tuple[str, ...], out: str, executor: str, address: str | None, cpus_per_run: float | None,
+          gpus_per_run: float | None, jobs: int | None, retry_failed: bool, dry_run: bool, quiet: bool,
           **lists: tuple[str, ...]) -> None:
     """Run the grid of every combination of the listed option values into one folder.
 
@@ -79,21 +92,36 @@ def sweep(probes: tuple[str, ...], out: str, jobs: int, retry_failed: bool, dry_
     finished and diverged runs, resumes interrupted ones from their checkpoint and retries failed ones only with
     --retry-failed. A run that fails or diverges never stops the sweep; the exit code is 1 if any run failed.
     Ctrl-C lets every running run save a checkpoint first.
+
+    With --executor ray each run is a Ray task requesting --cpus-per-run and --gpus-per-run; Ray runs as many at
+    once as the cluster has resources for (so --jobs does not apply), with the same folder, resume and Ctrl-C
+    behaviour.
     """
-    from normzoo.sweep import Sweep, command_text, plan
+    from normzoo.sweep import Executor, LocalExecutor, Sweep, command_text, plan
 
     options = {o.field: o for o in RUN_OPTIONS}
     grid = {field: parse_values(options[field], texts) for field, texts in lists.items() if texts}
     fixed: dict[str, Any] = {"probes": list(probes)} if probes else {}
     runs = plan(grid, fixed)
     validate(runs)
+    if executor == "ray":
+        refuse_with(executor, jobs=jobs)
+        from normzoo.sweep_ray import RayExecutor, import_ray
+
+        import_ray()  # before anything runs: without Ray installed, say how to get it
+        chosen: Executor = RayExecutor(address=address, cpus_per_run=1.0 if cpus_per_run is None else cpus_per_run,
+                                       gpus_per_run=gpus_per_run)
+    else:
+        refuse_with(executor, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
+        chosen = LocalExecutor(jobs or 1, str(runs[0].options.get("device") or "auto"))
     if dry_run:
+        click.echo(f"dry run: {len(runs)} runs into {out} ({chosen.describe(runs)})")
         for run in runs:
             click.echo(f"{Path(out) / run.name}\n  {command_text(run.command(Path(out)))}")
         return
-    click.echo(f"sweep of {len(runs)} runs into {out} ({jobs} at a time)")
-    counts = Sweep(runs, out, jobs=jobs, retry_failed=retry_failed, echo=click.echo,
-                   definition={"grid": grid, "fixed": fixed}).execute(progress=not quiet)
+    click.echo(f"sweep of {len(runs)} runs into {out} ({chosen.describe(runs)})")
+    counts = Sweep(runs, out, retry_failed=retry_failed, echo=click.echo, definition={"grid": grid, "fixed": fixed},
+                   executor=chosen).execute(progress=not quiet)
     click.echo(f"{out}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) +
                f"\nsweep.csv: {Path(out) / 'sweep.csv'}\nreport:    normzoo report {out}")
     if counts.get("interrupted") or counts.get("started") or counts.get("pending"):
@@ -101,6 +129,16 @@ def sweep(probes: tuple[str, ...], out: str, jobs: int, retry_failed: bool, dry_
         raise SystemExit(130)
     if counts.get("failed"):
         raise SystemExit(1)
+
+
+def refuse_with(executor: str, **given: object) -> None:
+    """Options of the other executor are refused rather than ignored: the sweep would not do what they say."""
+    flags = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+    if flags:
+        other = "local" if executor == "ray" else "ray"
+        why = (" (Ray runs as many at once as the cluster's resources allow; see --cpus-per-run, --gpus-per-run)"
+               if executor == "ray" else "")
+        raise NormzooError(f"{', '.join(flags)} only with --executor {other}{why}")
 
 
 def validate(runs: list[PlannedRun]) -> None:

@@ -1,10 +1,12 @@
 """Sweeps: the grid of runs behind one command, run into one folder, resumable.
 
-Each run is a ``normzoo run`` subprocess (``python -m normzoo run ... --out SWEEP --run-name NAME``), so a run
-that crashes, diverges or runs out of memory never takes the sweep down, and its exact command is printed and
-kept in the run's ``sweep-run.json``. Re-running the same sweep command looks at each run folder and skips
-finished (or diverged) runs, resumes interrupted ones from their checkpoint, and leaves failed ones alone unless
-asked to retry them. ``sweep.csv`` is rewritten after every run, one row per run.
+Each run is a ``normzoo run`` subprocess (``python -m normzoo run ... --out SWEEP --run-name NAME``), so a run that
+crashes, diverges or runs out of memory never takes the sweep down, and its exact command is printed and kept in the
+run's ``sweep-run.json``. An executor runs those commands: :class:`LocalExecutor` as child processes of the sweep,
+``normzoo.sweep_ray.RayExecutor`` as Ray tasks; everything else here is the same for both. Re-running the same sweep
+command looks at each run folder and skips finished (or diverged) runs, resumes interrupted ones from their
+checkpoint, and leaves failed ones alone unless asked to retry them. ``sweep.csv`` is rewritten after every run, one
+row per run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from normzoo.errors import NormzooError
 from normzoo.io import atomic_write_json
@@ -156,6 +158,51 @@ def check_same_options(run: PlannedRun) -> None:
 
 # -- running -----------------------------------------------------------------------------------------------------
 @dataclass
+class Ended:
+    """How one run's process ended, as its executor reports it."""
+
+    run: PlannedRun
+    code: int  # the exit code of ``normzoo run`` (negative: killed by that signal)
+    seconds: float
+    error: str = ""  # what the executor knows and the run's log cannot say (a lost Ray worker, say)
+
+
+class Executor(Protocol):
+    """How a sweep's runs are executed: :class:`LocalExecutor` or ``normzoo.sweep_ray.RayExecutor``.
+
+    The :class:`Sweep` decides what runs, prepares each run folder and records how each run ended; an executor
+    only runs ``normzoo run`` commands with their output appended to a log file, and says when they end. Used as a
+    context manager around the whole sweep (connecting and disconnecting happen there).
+    """
+
+    def __enter__(self) -> Executor: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def describe(self, runs: Sequence[PlannedRun]) -> str:
+        """Where and how many at once, for the first line of a sweep and for ``--dry-run``."""
+        ...
+
+    def has_room(self) -> bool:
+        """Whether another run can be started now."""
+        ...
+
+    def start(self, run: PlannedRun, command: list[str], log: Path) -> None: ...
+
+    def running(self) -> int:
+        """Runs started and not yet reported by :meth:`wait`."""
+        ...
+
+    def wait(self, timeout: float) -> list[Ended]:
+        """The runs that ended since the last call, waiting up to ``timeout`` seconds when none has."""
+        ...
+
+    def stop(self) -> None:
+        """Ask every running run to save a checkpoint and exit; a second call aborts them."""
+        ...
+
+
+@dataclass
 class Slot:
     """A place for one concurrent run: its environment (GPU, CPU threads) and the process in it."""
 
@@ -178,16 +225,68 @@ def slot_environments(jobs: int, gpus: int, device: str) -> list[dict[str, str]]
     return envs
 
 
+class LocalExecutor:
+    """Runs are child processes of the sweep, up to ``jobs`` at once, each in a :class:`Slot`."""
+
+    def __init__(self, jobs: int = 1, device: str = "auto") -> None:
+        self.jobs, self.device = jobs, device
+        self.slots: list[Slot] = []
+
+    def __enter__(self) -> LocalExecutor:
+        gpus = cuda_device_count() if self.jobs > 1 else 0
+        self.slots = [Slot(env) for env in slot_environments(self.jobs, gpus, self.device)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def describe(self, runs: Sequence[PlannedRun]) -> str:
+        return f"{self.jobs} at a time"
+
+    def has_room(self) -> bool:
+        return any(slot.process is None for slot in self.slots)
+
+    def running(self) -> int:
+        return sum(slot.process is not None for slot in self.slots)
+
+    def start(self, run: PlannedRun, command: list[str], log: Path) -> None:
+        slot = next(slot for slot in self.slots if slot.process is None)
+        with log.open("ab") as out:
+            # Its own session: a Ctrl-C in the terminal reaches the sweep only, which passes it on as one SIGTERM.
+            slot.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env={**os.environ, **slot.env}, start_new_session=True)
+        slot.run, slot.started = run, time.perf_counter()
+
+    def wait(self, timeout: float) -> list[Ended]:
+        ended = []
+        for slot in self.slots:
+            if slot.process is not None and slot.process.poll() is not None:
+                assert slot.run is not None
+                ended.append(Ended(slot.run, slot.process.returncode, time.perf_counter() - slot.started))
+                slot.run = slot.process = None
+        if not ended:
+            time.sleep(timeout)
+        return ended
+
+    def stop(self) -> None:
+        for slot in self.slots:
+            if slot.process is not None and slot.process.poll() is None:
+                slot.process.send_signal(signal.SIGTERM)
+
+
 class Sweep:
-    """Runs a planned grid into ``out`` with up to ``jobs`` runs at once."""
+    """Runs a planned grid into ``out``: with ``executor``, or as local processes, up to ``jobs`` at once."""
 
     def __init__(self, runs: Sequence[PlannedRun], out: str | Path, *, jobs: int = 1, retry_failed: bool = False,
-                 echo: Callable[[str], None] = print, definition: dict[str, Any] | None = None) -> None:
+                 echo: Callable[[str], None] = print, definition: dict[str, Any] | None = None,
+                 executor: Executor | None = None) -> None:
         self.out = Path(out)
-        self.runs, self.jobs, self.retry_failed, self.echo = list(runs), jobs, retry_failed, echo
+        self.runs, self.retry_failed, self.echo = list(runs), retry_failed, echo
         self.definition = definition or {}
         for run in self.runs:
             run.path = self.out / run.name
+        device = str(self.runs[0].options.get("device") or "auto") if self.runs else "auto"
+        self.executor: Executor = executor or LocalExecutor(jobs, device)
         self.stopping = 0
 
     def todo(self) -> list[tuple[PlannedRun, str]]:
@@ -207,7 +306,7 @@ class Sweep:
                       f"{len(self.runs)} runs")
         return todo
 
-    def launch(self, slot: Slot, run: PlannedRun, state: str) -> None:
+    def launch(self, run: PlannedRun, state: str) -> None:
         run.path.mkdir(parents=True, exist_ok=True)
         record = read_record(run.path)
         resuming = state in ("interrupted", "failed") and RunDir(run.path).last_state.exists()
@@ -223,22 +322,17 @@ class Sweep:
         self.echo(f"{verb} {run.label()}")
         with (run.path / RUN_LOG).open("ab") as log:
             log.write(f"$ {command_text(command)}\n".encode())
-            log.flush()
-            slot.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env={**os.environ, **slot.env}, start_new_session=True)
-        slot.run, slot.started = run, time.perf_counter()
+        self.executor.start(run, command, run.path / RUN_LOG)
 
-    def reap(self, slot: Slot) -> str:
-        """Record how the run in ``slot`` ended; returns its state."""
-        assert slot.run is not None and slot.process is not None
-        run, code = slot.run, slot.process.returncode
-        seconds = time.perf_counter() - slot.started
+    def reap(self, ended: Ended) -> str:
+        """Record how a run ended; returns its state."""
+        run, code, seconds = ended.run, ended.code, ended.seconds
         record = read_record(run.path)
         record["wall_s"] = record.get("wall_s", 0.0) + seconds
         state = run_state(run.path)
         stopped_by_us = self.stopping and code in (130, -signal.SIGTERM, -signal.SIGINT)
         if code != 0 and state not in ("interrupted", "diverged", "finished") and not stopped_by_us:
-            record["failed"] = {"returncode": code, "error": last_error(run.path / RUN_LOG)}
+            record["failed"] = {"returncode": code, "error": ended.error or last_error(run.path / RUN_LOG)}
             state = "failed"
         atomic_write_json(run.path / RUN_RECORD, record)
         summary = read_summary(run.path)
@@ -246,56 +340,58 @@ class Sweep:
         if state == "failed":
             detail = f"exit {code}: {record['failed']['error']} (log: {run.path / RUN_LOG})"
         self.echo(f"{state:<8} {run.label()}  {detail}  [{seconds:.0f}s]".rstrip())
-        slot.run = slot.process = None
         return state
 
     def stop(self, signum: int, _frame: Any) -> None:
-        # First signal: each run saves a checkpoint and exits; a second one aborts them.
+        # Only counted here: the loop passes it on, so an executor never runs inside a signal handler.
         self.stopping += 1
-        self.echo("stopping: each running run saves a checkpoint (again to abort)" if self.stopping == 1 else
-                  "aborting")
-        for slot in self.slots:
-            if slot.process is not None and slot.process.poll() is None:
-                slot.process.send_signal(signal.SIGTERM)
 
     def execute(self, *, progress: bool = True) -> dict[str, int]:
         """Run everything still to do; returns the count of runs per final state."""
         from tqdm.auto import tqdm
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out / SWEEP_FILE, self.definition | {"runs": [r.name for r in self.runs]})
-        todo = self.todo()
-        gpus = cuda_device_count() if self.jobs > 1 else 0
-        device = str(self.runs[0].options.get("device") or "auto") if self.runs else "auto"
-        self.slots = [Slot(env) for env in slot_environments(self.jobs, gpus, device)]
-        bar = tqdm(total=len(todo), unit="run", disable=not progress or not todo, file=sys.stderr,
-                   dynamic_ncols=True)
-        echo = self.echo
-        self.echo = lambda text: bar.write(text, file=sys.stdout) if not bar.disable else echo(text)
-        handlers = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            while todo or any(s.process for s in self.slots):
-                for slot in self.slots:
-                    if slot.process is not None and slot.process.poll() is not None:
-                        self.reap(slot)
-                        bar.update(1)
-                        write_sweep_csv(self.out, self.runs)
-                    if slot.process is None and todo and not self.stopping:
-                        self.launch(slot, *todo.pop(0))
-                if self.stopping and not any(s.process for s in self.slots):
-                    break
-                time.sleep(0.1)
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-            bar.close()
-            self.echo = echo
+        # The executor connects first: a cluster that is not there leaves no folder behind, and Ray's connection
+        # installs its own SIGTERM handler, which ours then replaces.
+        with self.executor as executor:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / SWEEP_FILE, self.definition | {"runs": [r.name for r in self.runs]})
+            todo = self.todo()
+            bar = tqdm(total=len(todo), unit="run", disable=not progress or not todo, file=sys.stderr,
+                       dynamic_ncols=True)
+            echo = self.echo
+            self.echo = lambda text: bar.write(text, file=sys.stdout) if not bar.disable else echo(text)
+            handlers = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                self.loop(executor, todo, bar)
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+                bar.close()
+                self.echo = echo
         write_sweep_csv(self.out, self.runs)
         counts: dict[str, int] = {}
         for run in self.runs:
             state = run_state(run.path)
             counts[state] = counts.get(state, 0) + 1
         return counts
+
+    def loop(self, executor: Executor, todo: list[tuple[PlannedRun, str]], bar: Any) -> None:
+        passed_on = 0  # stop requests passed on to the executor
+        while True:
+            while todo and not self.stopping and executor.has_room():
+                self.launch(*todo.pop(0))
+            while passed_on < self.stopping:
+                # First signal: each run saves a checkpoint and exits; a second one aborts them.
+                passed_on += 1
+                self.echo("stopping: each running run saves a checkpoint (again to abort)" if passed_on == 1 else
+                          "aborting")
+                executor.stop()
+            if not executor.running():
+                break
+            for ended in executor.wait(0.1):
+                self.reap(ended)
+                bar.update(1)
+                write_sweep_csv(self.out, self.runs)
 
 
 def cuda_device_count() -> int:

@@ -70,7 +70,8 @@ def test_constructor_contract(name):
 
 def test_spec_parsing_and_canonical_forms():
     assert parse_norm("lp:inf").kwargs["p"] == math.inf
-    assert parse_norm("lp:1,centered=true").canonical() == "lp:1,centered=true,eps=1e-05,affine=true,momentum=0.1,sync=false"
+    assert parse_norm("lp:1,centered=true").canonical() == \
+        "lp:1,centered=true,eps=1e-05,affine=true,momentum=0.1,sync=false"
     assert create_norm("noisy-bn:where=before,eval=none", 3).where == "before"
     with pytest.raises(SpecError, match="after, before"):
         parse_norm("noisy-bn:where=middle")
@@ -187,6 +188,30 @@ def test_topk_finds_values_clustered_at_one_position():
     x[:, :, 2, 3] += torch.linspace(5, 10, 20, dtype=torch.float64)[:, None]
     module = build("topk-bn:12", dtype=torch.float64)
     torch.testing.assert_close(module(x), formula("topk-bn:12", x, module.weight, module.bias))
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 3, 5), (7, 2, 2, 2), (20, 3, 4, 4), (32, 2, 8, 8), (12, 3, 1, 1)])
+@pytest.mark.parametrize("k", [1, 3, 10, 100, 10_000])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_topk_stats_finds_the_k_largest_deviations(shape, k, channels_last):
+    """Against a full sort: the scale, and the positions and signs the backward scatters to (every block size)."""
+    from normzoo.norms.hoffer import topk_stats
+
+    x = sample(shape, torch.float64)
+    x[:, :, 0, 0] += torch.linspace(-5, 5, shape[0], dtype=torch.float64)[:, None]  # outliers at one position
+    x[:, 0] = x[:, 0].round()  # channel 0: many ties
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    N, Ch, H, W = shape
+    stats = topk_stats(x, k)
+    z = (x - stats.mean.view(1, -1, 1, 1)).transpose(0, 1).reshape(Ch, -1)
+    kk = min(k, z.shape[1])
+    torch.testing.assert_close(stats.scale, z.abs().sort(1, descending=True).values[:, :kk].mean(1))
+    n_idx, hw_idx = stats.grad.n_idx, stats.grad.hw_idx
+    assert n_idx.shape == (Ch, kk) and all(len(set(r.tolist())) == kk for r in n_idx * H * W + hw_idx)
+    picked = x[n_idx, torch.arange(Ch)[:, None], hw_idx // W, hw_idx % W] - stats.mean[:, None]
+    torch.testing.assert_close(picked.abs().mean(1), stats.scale)
+    torch.testing.assert_close(stats.grad.coef, picked.sign() / kk)
 
 
 # -- batch norm, and lp:2 centered as batch norm -------------------------------------------------------------------

@@ -60,7 +60,7 @@ def test_write_a_plugin_tutorial_in_a_fresh_virtual_environment(tmp_path):
     # 5. load its checkpoint
     load = ("import normzoo; model, info = normzoo.load_checkpoint('runs/mine/best.safetensors'); "
             "print(info['norm'], type(model.features[1]).__name__)")
-    assert sh(python, "-c", load).stdout.split() == ["mean-bn,eps=1e-05,affine=true,momentum=0.1",
+    assert sh(python, "-c", load).stdout.split() == ["mean-bn,eps=1e-05,affine=true,momentum=0.1,sync=false",
                                                       "MeanOnlyBatchNorm"]
     assert "acc" in sh(normzoo, "eval", "runs/mine/best.safetensors", "--json").stdout
     # 6. uninstall: loading names the missing plugin

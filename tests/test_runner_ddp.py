@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from normzoo import hookimpl
 from normzoo.distributed import Replicas
 from normzoo.errors import NormzooError
 from normzoo.rundir import RunDir
@@ -102,11 +103,25 @@ def test_share_is_the_ranks_rows():
         [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
 
 
-def test_unsynced_batch_norm_gets_a_note():
+class NoSyncBatchNorm(torch.nn.BatchNorm2d):
+    """A third-party batch norm: declares no traits (so counts as batch-dependent) and takes no sync parameter."""
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, device=None, dtype=None):
+        super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
+
+
+class NoSyncPlugin:
+    @hookimpl
+    def register_norms(self, register):
+        register("nosync-bn", NoSyncBatchNorm, summary="batch norm without a sync parameter (tests)")
+
+
+def test_unsynced_batch_norm_gets_a_note(fresh_plugins):
+    fresh_plugins.register(NoSyncPlugin(), name="nz-test-nosync")
     note = unsynced_norm_note("lp:inf", 2, 128)
     assert note and "64-sample share of the 128-sample batch" in note and "lp:inf,sync=true" in note
     assert "bn:sync=true" in unsynced_norm_note("bn", 4, 128)
-    assert unsynced_norm_note("mean-bn", 2, 128).endswith("(it has no sync parameter)")  # the example plugin's
+    assert unsynced_norm_note("nosync-bn", 2, 128).endswith("(it has no sync parameter)")
     for quiet in [("bn:sync=true", 2), ("gn:2", 2), ("noisy-bn:bn=false", 2), ("bn", 1)]:
         assert unsynced_norm_note(quiet[0], quiet[1], 128) is None
 

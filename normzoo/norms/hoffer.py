@@ -16,16 +16,15 @@ Eval mode uses running estimates of µ and s (exponential moving averages, ``mom
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from normzoo.distributed import ChannelReduce
-from normzoo.norms._scale import SQRT_HALF_PI, BatchScaleNorm, ScaleStats, SparseScaleGrad
+from normzoo.norms._scale import SQRT_HALF_PI, BatchScaleNorm, ScaleStats, SparseScaleGrad, channel_sum
 from normzoo.norms.lp import power_mean_stats, reference_power_mean
-
-_DIMS = (0, 2, 3)
 
 
 class L1BatchNorm(BatchScaleNorm):
@@ -71,25 +70,48 @@ class TopKBatchNorm(BatchScaleNorm):
 def topk_stats(x: Tensor, k: int) -> ScaleStats:
     """Batch mean and the mean of the k largest |x − µ| per channel, with their positions.
 
-    Exact without sorting whole channels: the values of a channel are grouped by spatial position (N values per
-    group); each group's largest |x − µ| comes from one pass of max and one of min over the batch. The k largest
-    values of the channel all lie in the k groups with the largest group maxima (those k groups hold k values at
-    least as large as any value outside them), so only those k·N values are gathered and searched.
+    Exact without sorting whole channels: the values of a channel are grouped into blocks of b samples at one
+    spatial position; each group's largest |x − µ| comes from one pass of max and one of min over the sample
+    blocks. The k largest values of the channel all lie in the k groups with the largest group maxima (those k
+    groups hold k values at least as large as any value outside them), so only those k·b values are gathered and
+    searched. b (a divisor of N near sqrt(N·H·W / 2k)) balances the search over the (N/b)·H·W group maxima
+    against the one over the k·b candidates.
     """
     N, C, H, W = x.shape
-    hw_count = H * W
-    k = min(k, N * hw_count)
-    mean = x.mean(_DIMS)
-    x3 = x.reshape(N, C, hw_count)
-    m = mean[:, None]
-    group_max = torch.maximum(x3.amax(0) - m, m - x3.amin(0))  # (C, H·W): largest |x − µ| of each group
-    groups = min(k, hw_count)
-    group_hw = group_max.topk(groups, dim=1, sorted=False).indices  # (C, groups)
-    candidates = x3[:, torch.arange(C, device=x.device)[:, None], group_hw] - m  # (N, C, groups)
-    candidates = candidates.permute(1, 0, 2).reshape(C, N * groups)
-    top, where = candidates.abs().topk(k, dim=1, sorted=False)  # (C, k), index into N·groups
+    hw = H * W
+    k = min(k, N * hw)
+    mean = channel_sum(x) / (N * hw)
+    b = _sample_block(N, hw, k)
+    blocks = x.reshape(N // b, b, C, hw)
+    # Each group's largest |x − µ| is max(max − µ, µ − min); ranking within a channel, max(max, 2µ − min) does.
+    # Written channel-major (C, N/b, H·W) so that each channel's groups are one row.
+    group_max = x.new_empty(C, N // b, hw)
+    torch.maximum(blocks.amax(1), blocks.amin(1).neg_().add_(2 * mean.view(1, C, 1)), out=group_max.transpose(0, 1))
+    groups = min(k, group_max[0].numel())
+    group = group_max.view(C, -1).topk(groups, dim=1, sorted=False).indices  # (C, groups): block · H·W + position
+    block, position = _divmod(group, hw)
+    c = torch.arange(C, device=x.device)[:, None]
+    candidates = blocks.permute(0, 2, 3, 1)[block, c, position]  # (C, groups, b)
+    candidates = candidates.view(C, groups * b).sub_(mean[:, None])
+    top, where = candidates.abs().topk(k, dim=1, sorted=False)  # (C, k), index into groups·b
     scale = top.mean(1)
-    n_idx = torch.div(where, groups, rounding_mode="floor")
-    hw_idx = group_hw.gather(1, where % groups)
-    coef = candidates.gather(1, where).sign() / k
+    chosen, sample = _divmod(where, b)
+    n_idx = block.gather(1, chosen).mul_(b).add_(sample)
+    hw_idx = position.gather(1, chosen)
+    coef = candidates.gather(1, where).sign_().div_(k)
     return ScaleStats(mean, scale, SparseScaleGrad(n_idx, hw_idx, coef, True))
+
+
+def _divmod(t: Tensor, d: int) -> tuple[Tensor, Tensor]:
+    """Quotient and remainder of a non-negative integer tensor by d (shifts for a power of two: CPU's integer
+    division is slow)."""
+    if d & (d - 1) == 0:
+        return t >> (d.bit_length() - 1), t & (d - 1)
+    quotient = t // d
+    return quotient, t - quotient * d
+
+
+def _sample_block(N: int, hw: int, k: int) -> int:
+    """The divisor of N closest (in ratio) to sqrt(N·hw / 2k): samples per group in :func:`topk_stats`."""
+    target = math.sqrt(N * hw / (2 * k))
+    return min((b for b in range(1, N + 1) if N % b == 0), key=lambda b: (abs(math.log(b / target)), -b))

@@ -33,6 +33,8 @@ from normzoo.norms._scale import (
     SignScaleGrad,
     SparseScaleGrad,
     channel,
+    channel_grad_sums,
+    channel_sum,
     nan_free_reciprocal,
 )
 
@@ -47,22 +49,30 @@ def power_mean_stats(x: Tensor, p: float, centered: bool, factor: float = 1.0) -
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # ATen's two-pass BN statistics
         scale = var.clamp_min(0).sqrt() * factor
         return ScaleStats(mean, scale, LinearScaleGrad(nan_free_reciprocal(scale, factor**2 / n), mean))
-    mean = x.mean(_DIMS)
     if p == 2.0:
-        scale = torch.linalg.vector_norm(x, 2, _DIMS) * (factor / math.sqrt(n))
-        return ScaleStats(mean, scale, LinearScaleGrad(nan_free_reciprocal(scale, factor**2 / n), None))
-    if p == 1.0:
-        work = torch.sub(x, channel(mean)) if centered else None
-        scale = torch.linalg.vector_norm(x if work is None else work, 1, _DIMS) * (factor / n)
-        return ScaleStats(mean, scale, SignScaleGrad(factor / n, centered), work)
+        # Σx and Σx² in one fused pass (ATen's batch-norm backward kernel with x as both operands)
+        sum_x, sum_sq = channel_grad_sums(x, x, x.new_zeros(C), x.new_ones(C))
+        scale = sum_sq.clamp_min(0).sqrt() * (factor / math.sqrt(n))
+        return ScaleStats(sum_x / n, scale, LinearScaleGrad(nan_free_reciprocal(scale, factor**2 / n), None))
+    mean = channel_sum(x) / n
     if math.isinf(p):
         return _max_stats(x, mean, centered, factor)
     work = torch.sub(x, channel(mean)) if centered else None
-    scale = torch.linalg.vector_norm(x if work is None else work, p, _DIMS) * (factor / n ** (1 / p))
+    scratch = None
+    if x.device.type == "cpu":
+        # |z|^p into a fresh tensor (in place over x − µ), summed: ATen's CPU vector_norm does not vectorize
+        # this reduction. The forward then writes the output over it straight from x.
+        scratch, work = (torch.abs(x) if work is None else work.abs_()), None
+        power_sum = channel_sum(scratch if p == 1.0 else scratch.pow_(p))
+        scale = power_sum * (factor / n) if p == 1.0 else (power_sum / n).pow_(1 / p) * factor
+    else:
+        scale = torch.linalg.vector_norm(x if work is None else work, p, _DIMS) * (factor / n ** (1 / p))
+    if p == 1.0:
+        return ScaleStats(mean, scale, SignScaleGrad(factor / n, centered), work, scratch)
     # ds/dz_k = factor · M^(1−p) |z_k|^(p−1) sign(z_k) / n = factor^p · s^(1−p) · w_k / n
     kappa = torch.where(scale > 0, factor**p * scale.clamp_min(torch.finfo(scale.dtype).tiny) ** (1 - p) / n,
                         torch.zeros_like(scale))
-    return ScaleStats(mean, scale, PowerScaleGrad(kappa, p, centered), work)
+    return ScaleStats(mean, scale, PowerScaleGrad(kappa, p, centered), work, scratch)
 
 
 def _max_stats(x: Tensor, mean: Tensor, centered: bool, factor: float) -> ScaleStats:
