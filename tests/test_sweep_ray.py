@@ -140,6 +140,7 @@ def test_an_address_nothing_listens_on_fails_fast_and_writes_nothing(tmp_path, m
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # not this module's instance, if it was started here
     started = time.perf_counter()
     result = CliRunner().invoke(cli, ["sweep", *TINY, "--norm", "bn", "--out", str(tmp_path / "s"),
                                       "--executor", "ray", "--address", f"127.0.0.1:{port}"])
