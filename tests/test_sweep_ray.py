@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -20,8 +18,8 @@ ray = pytest.importorskip("ray")
 
 from normzoo import sweep_ray  # noqa: E402
 from normzoo.cli import cli  # noqa: E402
-from normzoo.sweep import plan, run_state  # noqa: E402
-from test_sweep import BASE, TINY, read_csv, sweep  # noqa: E402
+from normzoo.sweep import plan  # noqa: E402
+from test_sweep import TINY, interrupt_then_resume, read_csv, sweep  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,28 +60,8 @@ def test_ray_sweep_isolates_failures_then_skips_and_retries(address, tmp_path):
 
 
 def test_ctrl_c_checkpoints_ray_runs_and_the_same_command_resumes_them(address, tmp_path):
-    out = tmp_path / "sweep"
-    args = [sys.executable, "-m", "normzoo", "sweep", *BASE, "--norm", "bn", "--steps", "200", "--eval-every", "1000",
-            "--executor", "ray", "--address", address, "--out", str(out), "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = out / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stdout + stderr
-    assert "stopping" in stdout and "run the same command again" in stderr
-    assert run_state(out / "run") == "interrupted"  # the task passed the cancel on: the run saved a checkpoint
-    assert 0 < int(read_csv(out)["run"]["step"]) < 200
-
-    resumed = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resume" in resumed.stdout
-    assert read_csv(out)["run"]["state"] == "finished" and read_csv(out)["run"]["step"] == "200"
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train"' in line]
-    assert steps == sorted(set(steps)) and steps[-1] == 200  # no record lost or repeated across the resume
+    # the task passes Ray's cancel on to its run as SIGTERM, so the run saves a checkpoint
+    interrupt_then_resume(tmp_path / "sweep", ["--steps", "200", "--executor", "ray", "--address", address])
 
 
 def test_dry_run_says_which_executor_and_resources(tmp_path, monkeypatch):
