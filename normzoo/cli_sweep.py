@@ -109,6 +109,11 @@ def sweep(probes: tuple[str, ...], out: str, executor: str, address: str | None,
         from normzoo.sweep_ray import RayExecutor, import_ray
 
         import_ray()  # before anything runs: without Ray installed, say how to get it
+        pinned = sorted({str(d) for d in (r.options.get("device") for r in runs)
+                         if str(d).startswith("cuda:") and str(d) != "cuda:0"})
+        if pinned:
+            raise NormzooError(f"--device {pinned[0]} with --executor ray: Ray gives each run its own GPUs (as "
+                               "CUDA_VISIBLE_DEVICES), so use --device cuda and --gpus-per-run")
         chosen: Executor = RayExecutor(address=address, cpus_per_run=1.0 if cpus_per_run is None else cpus_per_run,
                                        gpus_per_run=gpus_per_run)
     else:

@@ -95,6 +95,7 @@ def test_a_run_on_cuda_requests_one_gpu_by_default(monkeypatch):
     (["--address", "auto"], "--address only with --executor ray"),
     (["--cpus-per-run", "2", "--gpus-per-run", "1"], "--cpus-per-run, --gpus-per-run only with --executor ray"),
     (["--executor", "ray", "--jobs", "2"], "--jobs only with --executor local (Ray runs as many at once"),
+    (["--executor", "ray", "--device", "cuda:1"], "--device cuda:1 with --executor ray: Ray gives each run"),
 ])
 def test_options_of_the_other_executor_are_refused(tmp_path, args, message):
     result = CliRunner().invoke(cli, ["sweep", *TINY, "--norm", "bn", "--out", str(tmp_path / "s"), *args])
