@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from normzoo.errors import NormzooError
+
 _DIMS = (0, 2, 3)
 _local_only = 0  # > 0 inside local_statistics(): synced norms use the replica's own batch
 
@@ -87,8 +89,12 @@ def global_batch_rows(local_shape: torch.Size | tuple[int, ...]) -> tuple[tuple[
     """
     if _local_only or not is_distributed():
         return tuple(local_shape), slice(None)
-    n = local_shape[0]
-    return (n * world_size(), *local_shape[1:]), slice(rank() * n, (rank() + 1) * n)
+    return (local_shape[0] * world_size(), *local_shape[1:]), share_rows(rank(), local_shape[0])
+
+
+def share_rows(rank: int, share: int) -> slice:
+    """Replica ``rank``'s rows of a global batch made of equal shares of ``share`` rows."""
+    return slice(rank * share, (rank + 1) * share)
 
 
 class ChannelReduce:
@@ -120,8 +126,10 @@ class SyncedChannelReduce(ChannelReduce):
         return int(all_gather_stack(torch.tensor(super().count(t), device=t.device)).sum())
 
     def mean(self, t: Tensor) -> Tensor:
-        sums = all_gather_stack(t.sum(_DIMS)).sum(0)
-        return (sums / self.count(t)).view(1, -1, 1, 1)
+        # The sums and the count travel in one collective (float64: a count past 2^24 stays exact).
+        local = torch.cat([t.sum(_DIMS).double(), t.new_full((1,), super().count(t), dtype=torch.float64)])
+        total = all_gather_stack(local).sum(0)
+        return (total[:-1] / total[-1]).to(t.dtype).view(1, -1, 1, 1)
 
     def amax(self, t: Tensor) -> Tensor:
         return all_gather_stack(super().amax(t).flatten()).max(0).values.view(1, -1, 1, 1)
@@ -183,8 +191,6 @@ class Replicas:
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.world_size:
-            from normzoo.errors import NormzooError
-
             raise NormzooError(f"--batch-size {batch_size} does not split evenly over {self.world_size} replicas "
                                f"(it is the global batch; use a multiple of {self.world_size})")
 
@@ -192,8 +198,7 @@ class Replicas:
         """This replica's rows of a global batch."""
         if not self.active:
             return t
-        n = len(t) // self.world_size
-        return t[self.rank * n:(self.rank + 1) * n]
+        return t[share_rows(self.rank, len(t) // self.world_size)]
 
     def sum(self, *values: Tensor) -> list[Tensor]:
         """Each value summed over the replicas (float64, one collective)."""
