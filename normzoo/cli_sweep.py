@@ -118,7 +118,7 @@ def sweep(probes: tuple[str, ...], out: str, executor: str, address: str | None,
                                        gpus_per_run=gpus_per_run)
     else:
         refuse_with(executor, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
-        chosen = LocalExecutor(jobs or 1, str(runs[0].options.get("device") or "auto"))
+        chosen = LocalExecutor.for_runs(runs, jobs or 1)
     if dry_run:
         click.echo(f"dry run: {len(runs)} runs into {out} ({chosen.describe(runs)})")
         for run in runs:

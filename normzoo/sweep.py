@@ -232,6 +232,11 @@ class LocalExecutor:
         self.jobs, self.device = jobs, device
         self.slots: list[Slot] = []
 
+    @classmethod
+    def for_runs(cls, runs: Sequence[PlannedRun], jobs: int = 1) -> LocalExecutor:
+        """``jobs`` slots for the device the runs ask for (a sweep's runs share their ``--device``)."""
+        return cls(jobs, str(runs[0].options.get("device") or "auto") if runs else "auto")
+
     def __enter__(self) -> LocalExecutor:
         gpus = cuda_device_count() if self.jobs > 1 else 0
         self.slots = [Slot(env) for env in slot_environments(self.jobs, gpus, self.device)]
@@ -285,8 +290,7 @@ class Sweep:
         self.definition = definition or {}
         for run in self.runs:
             run.path = self.out / run.name
-        device = str(self.runs[0].options.get("device") or "auto") if self.runs else "auto"
-        self.executor: Executor = executor or LocalExecutor(jobs, device)
+        self.executor: Executor = executor or LocalExecutor.for_runs(self.runs, jobs)
         self.stopping = 0
 
     def todo(self) -> list[tuple[PlannedRun, str]]:
