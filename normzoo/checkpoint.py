@@ -20,13 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from normzoo.errors import NormzooError
+from normzoo.errors import NormzooError, is_out_of_memory
 from normzoo.io import (header_metadata, load_safetensors, pack, parse_normzoo_metadata, prepare_tensors,
                         read_safetensors_header, save_safetensors, tensors_digest, to_json, unpack)
+from normzoo.spec import clip
 
 FORMAT = "normzoo-checkpoint"
 FORMAT_VERSION = 1
 METADATA_KEY = "normzoo"
+# A run's last checkpoint carries its training state (optimizer, RNG, loop counters) in the same file, so that
+# weights and state are one unit, written by one atomic rename: tensors under this prefix, JSON under this key.
+EMBEDDED_STATE_PREFIX = "training_state."
+EMBEDDED_STATE_KEY = "normzoo_training_state"
+_EXTRA_PREFIX = "__extra_state__."
 CONFIG_KEYS = ("backbone", "norm", "num_classes", "in_chans")
 # Keys save_checkpoint computes itself; ``info`` may repeat them only with the same value.
 RESERVED_KEYS = frozenset({"format", "format_version", "normzoo_version", "torch_version", *CONFIG_KEYS,
@@ -130,13 +136,15 @@ def _split_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dic
     return tensors, aliases, extra
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, info: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, info: Mapping[str, Any] | None = None,
+                    training_state: tuple[Mapping[str, torch.Tensor], Mapping[str, Any]] | None = None) -> Path:
     """Save ``model``'s weights and the metadata to rebuild it to ``path`` (safetensors), atomically.
 
     ``model`` must carry ``normzoo_config`` (set by :func:`normzoo.build_model`), possibly under a
     ``torch.compile`` or DDP wrapper, whose prefixes are stripped from the keys. ``info`` supplies
     ``dataset``, ``classes`` and ``input_shape`` and any further JSON-able fields (``step``, metrics, ...).
-    Tied weights are stored once. Returns the path.
+    Tied weights are stored once. ``training_state`` (from :func:`normzoo.state.training_state_parts`) is
+    embedded in the same file, so weights and state are written, and found, together. Returns the path.
     """
     from normzoo import __version__
     from normzoo.plugins import get_plugins
@@ -168,18 +176,26 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, info: Map
             meta["extra_state"] = pack(extra_state, extra_tensors)
         except TypeError as exc:
             raise NormzooError(f"cannot checkpoint the model's extra state: {exc}") from None
-        tensors.update({f"__extra_state__.{k}": v for k, v in extra_tensors.items()})
+        tensors.update({f"{_EXTRA_PREFIX}{k}": v for k, v in extra_tensors.items()})
+    metadata = {}
+    if training_state is not None:
+        clash = [k for k in tensors if k.startswith(EMBEDDED_STATE_PREFIX)]
+        if clash:
+            raise NormzooError(f"cannot embed the training state: the model has a key '{clash[0]}'")
+        state_tensors, state_meta = training_state
+        tensors.update({EMBEDDED_STATE_PREFIX + k: v for k, v in prepare_tensors(state_tensors).items()})
+        metadata[EMBEDDED_STATE_KEY] = to_json(state_meta)
     for key, value in info.items():
         if key in RESERVED_KEYS and key in meta and meta[key] != value:
             raise NormzooError(f"checkpoint info['{key}'] = {value!r} conflicts with the value normzoo records "
                                f"({meta[key]!r})")
         meta[key] = value
-    meta["tensors_sha256"] = tensors_digest(tensors)
+    meta["tensors_sha256"] = tensors_digest(tensors)  # every tensor of the file, embedded state included
     try:
-        text = to_json(meta)
+        metadata[METADATA_KEY] = to_json(meta)
     except (TypeError, ValueError) as exc:
         raise NormzooError(f"checkpoint info is not JSON-serializable: {exc}") from None
-    return save_safetensors(path, tensors, {METADATA_KEY: text})
+    return save_safetensors(path, tensors, metadata)
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -209,7 +225,7 @@ def read_checkpoint_info(path: str | os.PathLike[str], *, tensors: bool = False)
     meta = _parse_metadata(header, path)
     if tensors:
         entries = {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in sorted(header.items())
-                   if k != "__metadata__" and not k.startswith("__extra_state__.")}
+                   if _is_model_key(k)}
         meta["tensors"] = entries
         count = 0
         for entry in entries.values():
@@ -228,12 +244,14 @@ def _check_plugins(meta: Mapping[str, Any], path: Path) -> None:
     plugins = get_plugins()
     problems = []
     for kind, key in (("norms", "norm"), ("backbones", "backbone")):
-        family = _family(str(meta[key]))
+        family = clip(_family(str(meta[key])))
         if family in plugins.registry(kind):
             continue
         provider = meta.get(f"{key}_plugin") or {}
-        name, version = provider.get("name"), provider.get("version")
-        dist = provider.get("distribution") or name
+        provider = provider if isinstance(provider, dict) else {}
+        name, version, dist = (clip(v) if v is not None else None for v in
+                               (provider.get("name"), provider.get("version"),
+                                provider.get("distribution") or provider.get("name")))
         if name is None:
             problems.append(f"{key} '{family}' is not registered by any installed plugin")
             continue
@@ -280,14 +298,13 @@ def _check_fit(path: Path, meta: Mapping[str, Any], model_state: Mapping[str, An
     if mismatched:
         parts.append(f"{len(mismatched)} shape mismatch{'es' * (len(mismatched) != 1)} "
                      f"({_describe_keys(mismatched, 3)})")
-    raise NormzooError(f"checkpoint {path} does not fit the model (backbone '{meta.get('backbone')}', norm "
-                       f"'{meta.get('norm')}'): " + "; ".join(parts))
+    raise NormzooError(f"checkpoint {path} does not fit the model (backbone '{clip(meta.get('backbone'))}', norm "
+                       f"'{clip(meta.get('norm'))}'): " + "; ".join(parts))
 
 
 def _stored_shapes(header: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, tuple[int, ...] | None]:
     """Key -> shape of the model state the file holds (aliases included, extra state shapeless)."""
-    stored = {k: tuple(v["shape"]) for k, v in header.items()
-              if k != "__metadata__" and not k.startswith("__extra_state__.")}
+    stored = {k: tuple(v["shape"]) for k, v in header.items() if _is_model_key(k)}
     shapes: dict[str, tuple[int, ...] | None] = {}
     for key, shape in stored.items():
         shapes[key] = shape
@@ -304,14 +321,25 @@ def _extra_state_keys(meta: Mapping[str, Any]) -> list[str]:
     return list(extra) if isinstance(extra, dict) else []
 
 
-def _read_state(path: Path, meta: Mapping[str, Any], *, verify: bool) -> dict[str, Any]:
+def _is_model_key(key: str) -> bool:
+    return key != "__metadata__" and not key.startswith((_EXTRA_PREFIX, EMBEDDED_STATE_PREFIX))
+
+
+def _verified_tensors(path: Path, meta: Mapping[str, Any], *, verify: bool) -> dict[str, torch.Tensor]:
     tensors = load_safetensors(path, what="checkpoint")
     expected = meta.get("tensors_sha256")
     if verify and expected is not None and tensors_digest(tensors) != expected:
         raise NormzooError(f"checkpoint {path} is corrupt: its tensor data does not match the checksum stored "
                            "when it was written")
-    extra_tensors = {k[len("__extra_state__."):]: v for k, v in tensors.items() if k.startswith("__extra_state__.")}
-    state: dict[str, Any] = {k: v for k, v in tensors.items() if not k.startswith("__extra_state__.")}
+    return tensors
+
+
+def _read_state(path: Path, meta: Mapping[str, Any], *, verify: bool,
+                tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    if tensors is None:
+        tensors = _verified_tensors(path, meta, verify=verify)
+    extra_tensors = {k[len(_EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(_EXTRA_PREFIX)}
+    state: dict[str, Any] = {k: v for k, v in tensors.items() if _is_model_key(k)}
     for key, target in (meta.get("aliases") or {}).items():
         if target not in state:
             raise NormzooError(f"checkpoint {path} is corrupt: '{key}' is stored as an alias of '{target}', "
@@ -323,11 +351,11 @@ def _read_state(path: Path, meta: Mapping[str, Any], *, verify: bool) -> dict[st
 
 
 def _load_into(path: Path, model: nn.Module, header: Mapping[str, Any], meta: Mapping[str, Any], *,
-               verify: bool) -> None:
+               verify: bool, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
     model_state = model.state_dict()
     renamed = strip_wrapper_prefixes(model_state)  # load_weights may get a compiled/DDP-wrapped model
     _check_fit(path, meta, model_state, _stored_shapes(header, meta), renamed)
-    state = _read_state(path, meta, verify=verify)
+    state = _read_state(path, meta, verify=verify, tensors=tensors)
     original = {v: k for k, v in renamed.items()}
     try:
         model.load_state_dict({original[k]: v for k, v in state.items()}, strict=True)
@@ -341,23 +369,39 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     """Rebuild the model a checkpoint describes, load its weights strictly, and return ``(model, info)``.
 
     The model is in eval mode on ``device``; ``info`` is the checkpoint's metadata (see the module docstring).
-    ``verify`` checks the tensors against the checksum stored at save time.
+    ``verify`` checks the tensors against the checksum stored at save time. The metadata is the file's word,
+    not a fact: the model is first built on the ``meta`` device (no memory) and every key and shape compared
+    with the tensors the file really holds, and only a model that fits is built for real.
     """
-    from normzoo.models import build_model
-
     path = Path(path)
     header = read_safetensors_header(path, what="checkpoint")
     meta = _parse_metadata(header, path)
     _check_plugins(meta, path)
-    try:
-        model = build_model(meta["backbone"], meta["norm"], num_classes=int(meta["num_classes"]),
-                            in_chans=int(meta["in_chans"]), device=device)
-    except NormzooError as exc:
-        raise NormzooError(f"cannot rebuild checkpoint {path} (backbone '{meta['backbone']}', norm "
-                           f"'{meta['norm']}'): {exc}") from None
+    skeleton = _rebuild(path, meta, "meta")
+    if skeleton is not None:
+        model_state = skeleton.state_dict()
+        _check_fit(path, meta, model_state, _stored_shapes(header, meta), strip_wrapper_prefixes(model_state))
+        del skeleton, model_state
+    model = _rebuild(path, meta, device)
     _load_into(path, model, header, meta, verify=verify)
     model.eval()
     return model, meta
+
+
+def _rebuild(path: Path, meta: Mapping[str, Any], device: str | torch.device) -> nn.Module | None:
+    """``build_model`` from the metadata on ``device``; on ``meta``, None for a builder that cannot build there."""
+    from normzoo.models import build_model
+
+    try:
+        return build_model(meta["backbone"], meta["norm"], num_classes=int(meta["num_classes"]),
+                           in_chans=int(meta["in_chans"]), device=device)
+    except NormzooError as exc:
+        raise NormzooError(f"cannot rebuild checkpoint {path} (backbone '{clip(meta['backbone'])}', norm "
+                           f"'{clip(meta['norm'])}'): {exc}") from None
+    except (NotImplementedError, RuntimeError, TypeError) as exc:
+        if str(device) == "meta" and not is_out_of_memory(exc):  # then the shapes are checked after the build
+            return None
+        raise
 
 
 def load_weights(path: str | os.PathLike[str], model: nn.Module, *, verify: bool = True,
@@ -373,14 +417,57 @@ def load_weights(path: str | os.PathLike[str], model: nn.Module, *, verify: bool
     header = read_safetensors_header(path, what="checkpoint")
     meta = _parse_metadata(header, path)
     if check_config:
-        try:
-            config = _model_config(model)
-        except NormzooError:
-            config = None
-        differ = [f"{k} '{meta[k]}' vs '{config[k]}'" for k in CONFIG_KEYS
-                  if config is not None and meta[k] != config[k]]
-        if differ:
-            raise NormzooError(f"checkpoint {path} was saved from another model than this one (checkpoint vs "
-                               f"model: {'; '.join(differ)})")
+        _check_same_model(path, meta, model)
     _load_into(path, model, header, meta, verify=verify)
     return meta
+
+
+def _check_same_model(path: Path, meta: Mapping[str, Any], model: nn.Module) -> None:
+    try:
+        config = _model_config(model)
+    except NormzooError:
+        return
+    differ = [f"{k} '{meta[k]}' vs '{config[k]}'" for k in CONFIG_KEYS if meta[k] != config[k]]
+    if differ:
+        raise NormzooError(f"checkpoint {path} was saved from another model than this one (checkpoint vs "
+                           f"model: {'; '.join(differ)})")
+
+
+def embedded_training_state(path: str | os.PathLike[str], *, tensors: Mapping[str, torch.Tensor] | None = None
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The training state a run checkpoint embeds: its tensors (prefix stripped) and its JSON part.
+
+    The tensors are checked against the checksum of the whole file unless the caller passes ``tensors`` it has
+    already read and checked.
+    """
+    from normzoo.state import FORMAT as STATE_FORMAT
+    from normzoo.state import FORMAT_VERSION as STATE_VERSION
+
+    path = Path(path)
+    header = read_safetensors_header(path, what="checkpoint")
+    metadata = header_metadata(header)
+    if EMBEDDED_STATE_KEY not in metadata:
+        raise NormzooError(f"{path} is a normzoo model checkpoint without training state (only a run's "
+                           "last.safetensors carries it), so training cannot resume from it")
+    state_meta = parse_normzoo_metadata(metadata, path, fmt=STATE_FORMAT, max_version=STATE_VERSION,
+                                        key=EMBEDDED_STATE_KEY)
+    if tensors is None:
+        tensors = _verified_tensors(path, _parse_metadata(header, path), verify=True)
+    state = {k[len(EMBEDDED_STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMBEDDED_STATE_PREFIX)}
+    return state, state_meta
+
+
+def load_run_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Resume from a run checkpoint: its weights into ``model``, its embedded training state into ``optimizer``
+    and the global RNGs, from one read of the file checked against its checksum. Returns ``(info, extra)``."""
+    from normzoo.state import restore_training_state
+
+    path = Path(path)
+    header = read_safetensors_header(path, what="checkpoint")
+    meta = _parse_metadata(header, path)
+    _check_same_model(path, meta, model)
+    tensors = _verified_tensors(path, meta, verify=True)
+    state_tensors, state_meta = embedded_training_state(path, tensors=tensors)
+    _load_into(path, model, header, meta, verify=True, tensors=tensors)
+    return meta, restore_training_state(path, state_tensors, state_meta, optimizer)

@@ -26,16 +26,25 @@ Examples:
 
 
 class NormzooGroup(click.Group):
-    """Turns user errors into one line and exit code 2; ``--debug`` shows the traceback instead."""
+    """Every error becomes one line on stderr and a non-zero exit; ``--debug`` shows the traceback instead.
+
+    Exit code 2: bad input (a spec, an option, a file); 1: the run could not go on (out of memory, a full disk,
+    a plugin's code failing, or a bug in normzoo, which the line says).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except NormzooError as exc:
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:
             if os.environ.get("NORMZOO_DEBUG"):
                 raise
-            click.echo(f"Error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            from normzoo.errors import describe_error
+
+            message, code = describe_error(exc)
+            click.echo(f"Error: {message}", err=True)
+            ctx.exit(code)
 
 
 @click.group(cls=NormzooGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,14 +98,17 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--out", help=f"Parent folder of run directories.  [default: {D.out}]")
 @click.option("--run-name", help="Name of the run directory.  [default: <time>-<backbone>-<norm>-s<seed>]")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue a run directory from its last checkpoint.")
+              help="Continue a run directory from its last checkpoint (a finished run: only with a larger --steps).")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out/--run-name (it is refused "
+                                                "otherwise).")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table; print only the run directory.")
-def run(resume_dir: str | None, quiet: bool, probes: tuple[str, ...], **options: Any) -> None:
+def run(resume_dir: str | None, overwrite: bool, quiet: bool, probes: tuple[str, ...], **options: Any) -> None:
     """Train a backbone with a norm on a dataset into a run directory.
 
     Writes config.json, metrics.jsonl, summary.csv and last/best.safetensors checkpoints. Ctrl-C (or SIGTERM)
     finishes the current step, saves and prints how to resume. A run whose loss explodes stops with status
-    'diverged' and exit code 0.
+    'diverged' and exit code 0. An existing run folder is never reused silently: --resume continues it,
+    --overwrite replaces it; a folder another process is writing is refused, naming that process.
     """
     from normzoo import runner
     from normzoo.config import RunConfig, apply_preset
@@ -113,22 +117,24 @@ def run(resume_dir: str | None, quiet: bool, probes: tuple[str, ...], **options:
     if probes:
         explicit["probes"] = list(probes)
     if resume_dir:
-        allowed = {"steps", "epochs", "device", "quiet"}
-        extra = set(explicit) - allowed
-        if extra:
-            raise NormzooError(f"--resume continues the saved config; only --steps/--epochs/--device may change "
-                               f"(got {', '.join('--' + e.replace('_', '-') for e in sorted(extra))})")
+        if overwrite:
+            raise NormzooError("--overwrite starts a run over; it does not go with --resume")
         result = runner.resume(resume_dir, quiet=quiet, **explicit)
     else:
         preset = explicit.pop("preset", None)
         values = apply_preset(preset, explicit) if preset else explicit
-        result = runner.train(RunConfig(**values), quiet=quiet)
+        result = runner.train(RunConfig(**values), quiet=quiet, overwrite=overwrite)
     if result.main:  # under torchrun, rank 0 speaks for the run
         print_result(result, quiet)
 
 
 def print_result(result: Any, quiet: bool) -> None:
     s = result.summary
+    if s.get("already"):
+        what = (f"diverged at step {s.get('diverged_step')}; resuming would train into the same divergence"
+                if result.status == "diverged" else
+                f"is already finished at step {s['step']}; nothing to do (a larger --steps trains on)")
+        click.echo(f"{result.run_dir} {what}", err=True)
     if quiet:
         click.echo(result.run_dir)
     else:
@@ -137,13 +143,22 @@ def print_result(result: Any, quiet: bool) -> None:
                  "test_acc", "best_test_acc", "train_time_s", "probe_time_s", "images_per_s")
                 if s.get(k) is not None]
         click.echo(format_table(rows, ["key", "value"]))
-    if result.status == "diverged":
+    if result.status == "diverged" and not s.get("already"):
         click.echo(f"Diverged at step {s['diverged_step']} (loss not finite or above the divergence factor).",
                    err=True)
     if result.status == "interrupted":
         click.echo(f"Interrupted at step {s['step']}; checkpoint saved. Resume with:\n"
                    f"  normzoo run --resume {result.run_dir}", err=True)
         raise SystemExit(130)
+
+
+def without_download(spec: str) -> str:
+    """``spec`` with ``download=false`` when its dataset has that parameter (eval and inspect never fetch)."""
+    from normzoo.plugins import registry
+
+    parsed = registry("datasets").parse(spec)
+    args = tuple((key, False if key == "download" else value) for key, value in parsed.args)
+    return dataclasses.replace(parsed, args=args).canonical()
 
 
 def _fmt(value: Any) -> str:
@@ -154,11 +169,13 @@ def _fmt(value: Any) -> str:
 @click.argument("checkpoint", type=click.Path())
 @click.option("--dataset", help="Dataset spec (default: the one the checkpoint was trained on).")
 @click.option("--data-dir", help="Where datasets are found.")
+@click.option("--download", is_flag=True, help="Let the dataset download its files when they are missing "
+                                               "(eval never downloads otherwise).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_command(checkpoint: str, dataset: str | None, data_dir: str | None, device: str, batch_size: int,
-                 as_json: bool) -> None:
+def eval_command(checkpoint: str, dataset: str | None, data_dir: str | None, download: bool, device: str,
+                 batch_size: int, as_json: bool) -> None:
     """Evaluate a checkpoint's test loss and accuracy.
 
     \b
@@ -174,10 +191,14 @@ def eval_command(checkpoint: str, dataset: str | None, data_dir: str | None, dev
 
     target = resolve_device(device)
     model, info = load_checkpoint(checkpoint, device=target)
-    data = load_dataset(dataset or info.get("dataset") or "cifar10", data_dir=data_dir)
+    spec = dataset or info.get("dataset") or "cifar10"
+    data = load_dataset(spec if download else without_download(spec), data_dir=data_dir)
     if data.num_classes != info.get("num_classes", data.num_classes):
         raise NormzooError(f"dataset has {data.num_classes} classes but the checkpoint was trained for "
                            f"{info['num_classes']}")
+    if data.input_shape[0] != info["in_chans"]:
+        raise NormzooError(f"dataset {data.name} has {data.input_shape[0]}-channel inputs {list(data.input_shape)} "
+                           f"but the checkpoint's model takes {info['in_chans']} channel(s)")
     classification = data.task == "classification"
     metrics = evaluate(model, model, data.test_x.to(target), data.test_y.to(target),
                        F.cross_entropy if classification else F.mse_loss, batch_size=batch_size,

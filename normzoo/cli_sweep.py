@@ -132,6 +132,9 @@ def sweep(probes: tuple[str, ...], out: str, executor: str, address: str | None,
     if counts.get("interrupted") or counts.get("started") or counts.get("pending"):
         click.echo("Stopped; run the same command again to continue.", err=True)
         raise SystemExit(130)
+    if counts.get("locked"):
+        click.echo(f"{counts['locked']} run(s) are being written by another process (another sweep or run); run "
+                   "the same command again once it is done to see them all in sweep.csv.", err=True)
     if counts.get("failed"):
         raise SystemExit(1)
 

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import secrets
+import stat
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,7 +49,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(path)
     try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what the umask gives a new file
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that recreates the file (safetensors makes it 0600) must not change it
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -77,8 +77,11 @@ class Plugins:
             if selected is not None and ep.name not in selected and dist_name not in selected:
                 continue
             if ep.name in self.info:
-                self._fail(ep.name, f"entry point '{ep.name}' from {dist_name} has the same name as an "
-                                    f"already loaded plugin ({self.info[ep.name].source}); skipped")
+                # The skipped package gets its own row, so the error is shown against it, not the loaded one.
+                row = f"{ep.name} ({dist_name})"
+                self.info[row] = PluginInfo(ep.name, version, f"entry point {dist_name}")
+                self._fail(row, f"entry point '{ep.name}' from {dist_name} has the same name as an already loaded "
+                                f"plugin ({self.info[ep.name].source}); skipped")
                 continue
             try:
                 module = ep.load()

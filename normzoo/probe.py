@@ -16,12 +16,15 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from normzoo.errors import SpecError
+from normzoo.spec import Count, Range, clip
+
+LogSteps = Annotated[int, Range(0, 10_000)]  # log-spaced measurements over a run
 
 Values = dict[str, Any]  # scalars (float/int) and small lists of floats
 
@@ -49,13 +52,15 @@ class Probe:
 
     name = "probe"
 
-    def __init__(self, *, every: int = 0, at: str = "", init: bool = True, log: int = 0) -> None:
+    def __init__(self, *, every: Count = 0, at: str = "", init: bool = True, log: LogSteps = 0) -> None:
         if every < 0 or log < 0:
             raise SpecError(f"{self.name}: every and log must be ≥ 0")
         try:
             self.at = {int(s) for s in at.split("+") if s.strip()}
         except ValueError:
-            raise SpecError(f"{self.name}: at must be steps joined by '+', e.g. at=0+100, got '{at}'") from None
+            raise SpecError(f"{self.name}: at must be steps joined by '+', e.g. at=0+100, got '{clip(at)}'") from None
+        if any(s < 0 for s in self.at):
+            raise SpecError(f"{self.name}: at must list steps ≥ 0, got '{clip(at)}'")
         self.every, self.init, self.log = every, init, log
         self._log_steps: set[int] | None = None
 

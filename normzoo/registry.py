@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from normzoo.errors import PluginError, SpecError, did_you_mean
-from normzoo.spec import Param, Spec, params_from_signature, resolve, split_spec
+from normzoo.errors import NormzooError, PluginError, SpecError, did_you_mean, is_out_of_memory
+from normzoo.spec import Param, Spec, clip, params_from_signature, resolve, split_spec
 
 # Arguments the core passes itself; they never appear in a spec.
 RESERVED = frozenset({"self", "num_features", "device", "dtype", "norm_layer", "num_classes", "in_chans",
@@ -28,6 +28,11 @@ class Entry:
     positional: str | None = None
     params: tuple[Param, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def origin(self) -> str:
+        """``built-in`` or ``plugin 'name'``, for messages."""
+        return "built-in" if self.plugin.startswith("normzoo.") else f"plugin '{self.plugin}'"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -90,7 +95,7 @@ class Registry:
             return self._entries[name]
         except KeyError:
             valid = ", ".join(self.names()) or "none registered"
-            raise SpecError(f"unknown {self.kind[:-1]} '{name}'{did_you_mean(name, self._entries)}; "
+            raise SpecError(f"unknown {self.kind[:-1]} '{clip(name)}'{did_you_mean(name, self._entries)}; "
                             f"valid: {valid}") from None
 
     def parse(self, text: str | Spec) -> Spec:
@@ -102,9 +107,25 @@ class Registry:
         return resolve(family, positional_text, pairs, entry.params, entry.positional)
 
     def build(self, spec: str | Spec, /, *args: Any, **kwargs: Any) -> Any:
-        """Parse ``spec`` and call its factory with ``*args``, the core's ``**kwargs`` and the spec's values."""
+        """Parse ``spec`` and call its factory with ``*args``, the core's ``**kwargs`` and the spec's values.
+
+        A factory that rejects its values (``ValueError``) gives a one-line :class:`SpecError`; any other
+        exception from plugin code a :class:`PluginError` naming the plugin. Running out of memory is not the
+        plugin's fault and propagates as it is.
+        """
         parsed = self.parse(spec)
-        return self._entries[parsed.family].factory(*args, **kwargs, **parsed.kwargs)
+        entry = self._entries[parsed.family]
+        try:
+            return entry.factory(*args, **kwargs, **parsed.kwargs)
+        except (NormzooError, MemoryError):
+            raise
+        except ValueError as exc:
+            raise SpecError(f"{self.kind[:-1]} '{clip(parsed.short())}' ({entry.origin}): {clip(exc, 300)}") from exc
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise
+            raise PluginError(f"{self.kind[:-1]} '{clip(parsed.short())}' ({entry.origin}) failed: "
+                              f"{type(exc).__name__}: {clip(exc, 300)}") from exc
 
 
 def norm_constructor_problem(factory: Callable[..., Any]) -> str:

@@ -106,14 +106,14 @@ def restore_rng_state(tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 # -- the state file ------------------------------------------------------------------------------------------
-def save_training_state(path: str | os.PathLike[str], optimizer: torch.optim.Optimizer | None, *,
-                        extra: Mapping[str, Any] | None = None,
-                        generators: Mapping[str, torch.Generator] | None = None,
-                        rng: bool = True) -> Path:
-    """Write the optimizer state, the global RNG states, named generators and ``extra`` to one file, atomically.
+def training_state_parts(optimizer: torch.optim.Optimizer | None, *, extra: Mapping[str, Any] | None = None,
+                         generators: Mapping[str, torch.Generator] | None = None,
+                         rng: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The training state as named CPU tensors and a JSON-able dict (no checksum, nothing written).
 
-    ``extra`` is the caller's own state (step counters, a GradScaler's ``state_dict()``, ...): nested dicts,
-    lists, tuples, numbers, strings and tensors; :func:`load_training_state` gives it back equal.
+    What :func:`save_training_state` writes to a file of its own, and what a run's checkpoint embeds next to
+    the weights (``normzoo.checkpoint.save_checkpoint(..., training_state=...)``) so that the two can never
+    be from different steps.
     """
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "normzoo_version": _version(),
@@ -132,33 +132,63 @@ def save_training_state(path: str | os.PathLike[str], optimizer: torch.optim.Opt
     extra_tensors: dict[str, torch.Tensor] = {}
     meta["extra"] = pack(dict(extra or {}), extra_tensors)
     tensors.update({f"extra.{k}": v for k, v in extra_tensors.items()})
-    tensors = prepare_tensors(tensors)  # CPU copies once, for both the checksum and the file
+    return prepare_tensors(tensors), meta  # CPU copies once, for both the checksum and the file
+
+
+def save_training_state(path: str | os.PathLike[str], optimizer: torch.optim.Optimizer | None, *,
+                        extra: Mapping[str, Any] | None = None,
+                        generators: Mapping[str, torch.Generator] | None = None,
+                        rng: bool = True) -> Path:
+    """Write the optimizer state, the global RNG states, named generators and ``extra`` to one file, atomically.
+
+    ``extra`` is the caller's own state (step counters, a GradScaler's ``state_dict()``, ...): nested dicts,
+    lists, tuples, numbers, strings and tensors; :func:`load_training_state` gives it back equal.
+    """
+    tensors, meta = training_state_parts(optimizer, extra=extra, generators=generators, rng=rng)
     meta["tensors_sha256"] = tensors_digest(tensors)
     return save_safetensors(path, tensors, {METADATA_KEY: to_json(meta)})
 
 
 def read_training_state_info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON part of a training-state file (header only, no tensors loaded)."""
+    """The JSON part of a training-state file, or of the state a run's checkpoint embeds (header only)."""
+    from normzoo.checkpoint import EMBEDDED_STATE_KEY
+
     header = read_safetensors_header(path, what="training state")
-    return parse_normzoo_metadata(header_metadata(header), Path(path), fmt=FORMAT, max_version=FORMAT_VERSION,
-                                  key=METADATA_KEY)
+    metadata = header_metadata(header)
+    key = EMBEDDED_STATE_KEY if EMBEDDED_STATE_KEY in metadata else METADATA_KEY
+    return parse_normzoo_metadata(metadata, Path(path), fmt=FORMAT, max_version=FORMAT_VERSION, key=key)
 
 
 def load_training_state(path: str | os.PathLike[str], optimizer: torch.optim.Optimizer | None, *,
                         generators: Mapping[str, torch.Generator] | None = None,
                         restore_rng: bool = True) -> dict[str, Any]:
-    """Load a file written by :func:`save_training_state` and return its ``extra`` dict.
+    """Load a file written by :func:`save_training_state`, or the state a run checkpoint embeds, and return its
+    ``extra`` dict.
 
     Loads the optimizer state into ``optimizer`` (built for the same parameters), restores the global RNG
-    states (unless ``restore_rng=False``) and the state of each generator in ``generators`` by name.
+    states (unless ``restore_rng=False``) and the state of each generator in ``generators`` by name. The
+    tensors are checked against the checksum stored when the file was written.
     """
+    from normzoo.checkpoint import EMBEDDED_STATE_KEY, embedded_training_state
+
     path = Path(path)
-    meta = read_training_state_info(path)
-    tensors = load_safetensors(path, what="training state")
-    expected = meta.get("tensors_sha256")
-    if expected is not None and tensors_digest(tensors) != expected:
-        raise NormzooError(f"training state {path} is corrupt: its tensor data does not match the checksum "
-                           "stored when it was written")
+    if EMBEDDED_STATE_KEY in header_metadata(read_safetensors_header(path, what="training state")):
+        tensors, meta = embedded_training_state(path)
+    else:
+        meta = read_training_state_info(path)
+        tensors = load_safetensors(path, what="training state")
+        expected = meta.get("tensors_sha256")
+        if expected is not None and tensors_digest(tensors) != expected:
+            raise NormzooError(f"training state {path} is corrupt: its tensor data does not match the checksum "
+                               "stored when it was written")
+    return restore_training_state(path, tensors, meta, optimizer, generators=generators, restore_rng=restore_rng)
+
+
+def restore_training_state(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                           optimizer: torch.optim.Optimizer | None, *,
+                           generators: Mapping[str, torch.Generator] | None = None,
+                           restore_rng: bool = True) -> dict[str, Any]:
+    """Apply the parts :func:`training_state_parts` made (read back from ``path``); returns ``extra``."""
     groups = _split(tensors)
     if optimizer is not None:
         _load_optimizer(path, optimizer, meta.get("optimizer"), groups.get("optimizer", {}))

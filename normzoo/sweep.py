@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from normzoo.errors import NormzooError
 from normzoo.io import atomic_write_json
+from normzoo.lock import RunLocked, describe_holder, holder_of
 from normzoo.rundir import SUMMARY_FIELDS, RunDir, write_csv
 
 SWEEP_FILE = "sweep.json"
@@ -117,18 +118,28 @@ def plan(grid: dict[str, list[Any]], fixed: dict[str, Any]) -> list[PlannedRun]:
 
 # -- the state of one run folder ---------------------------------------------------------------------------------
 def read_record(path: Path) -> dict[str, Any]:
+    """The run's ``sweep-run.json`` ({} before the sweep first starts it); a damaged one is a one-line error."""
+    record_path = path / RUN_RECORD
     try:
-        return json.loads((path / RUN_RECORD).read_text())
-    except (FileNotFoundError, ValueError):
+        record = json.loads(record_path.read_text())
+    except FileNotFoundError:
         return {}
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise NormzooError(f"{record_path} is not valid JSON ({exc}); delete it to let the sweep start that run "
+                           "afresh") from None
+    if not isinstance(record, dict) or not isinstance(record.get("options", {}), dict):
+        raise NormzooError(f"{record_path} is damaged (not a JSON object with an 'options' object); delete it to "
+                           "let the sweep start that run afresh")
+    return record
 
 
 def read_summary(path: Path) -> dict[str, str]:
     return RunDir(path).read_summary()
 
 
-def run_state(path: Path) -> str:
-    """``pending``, ``finished``, ``diverged``, ``interrupted`` (resumable), ``failed`` or ``started``.
+def run_state(path: Path, *, holding: bool = False) -> str:
+    """``pending``, ``finished``, ``diverged``, ``locked`` (another process is writing it), ``failed``,
+    ``interrupted`` (resumable) or ``started``; ``holding``: the caller holds the folder's lock itself.
 
     ``started`` is a run that was killed before its first checkpoint: it starts over.
     """
@@ -136,9 +147,11 @@ def run_state(path: Path) -> str:
     status = read_summary(path).get("status")
     if status in ("finished", "diverged"):
         return status
-    if read_record(path).get("failed"):
+    if not holding and holder_of(path) is not None:
+        return "locked"
+    if status == "failed" or read_record(path).get("failed"):
         return "failed"
-    if status == "interrupted" or run.last_state.exists():
+    if status == "interrupted" or run.has_checkpoint():
         return "interrupted"
     return "started" if run.config.exists() else "pending"
 
@@ -295,14 +308,13 @@ class Sweep:
 
     def todo(self) -> list[tuple[PlannedRun, str]]:
         """Runs to start or resume, after reporting the ones that are skipped and why."""
-        todo, skipped = [], {"finished": 0, "diverged": 0, "failed": 0}
+        todo, skipped = [], {"finished": 0, "diverged": 0, "failed": 0, "locked": 0}
         for run in self.runs:
             check_same_options(run)
             state = run_state(run.path)
-            if state in ("finished", "diverged") or (state == "failed" and not self.retry_failed):
+            if state in ("finished", "diverged", "locked") or (state == "failed" and not self.retry_failed):
                 skipped[state] += 1
-                self.echo(f"skip   {run.label()}: {state}" + (" (--retry-failed runs it again)"
-                                                              if state == "failed" else ""))
+                self.echo(f"skip   {run.label()}: {skip_reason(run.path, state)}")
             else:
                 todo.append((run, state))
         if any(skipped.values()):
@@ -310,23 +322,34 @@ class Sweep:
                       f"{len(self.runs)} runs")
         return todo
 
-    def launch(self, run: PlannedRun, state: str) -> None:
+    def launch(self, run: PlannedRun, state: str) -> bool:
+        """Start (or resume) one run; False when another process took it since :meth:`todo` looked."""
         run.path.mkdir(parents=True, exist_ok=True)
-        record = read_record(run.path)
-        resuming = state in ("interrupted", "failed") and RunDir(run.path).last_state.exists()
-        if resuming:
-            command = [sys.executable, "-m", "normzoo", "run", "--resume", str(run.path), "--quiet"]
-        else:
-            command = run.command(self.out)
-            for stale in ("metrics.jsonl", "summary.csv", "config.json"):  # a run killed before its checkpoint
-                (run.path / stale).unlink(missing_ok=True)
-        record.update(options=run.options, command=command_text(run.command(self.out)), failed=None)
-        atomic_write_json(run.path / RUN_RECORD, record)
+        folder = RunDir(run.path)
+        try:
+            with folder.claim():  # held while the folder is prepared; the run's own process then takes it
+                state = run_state(run.path, holding=True)  # as it is now that nobody else can change it
+                if state in ("finished", "diverged"):  # done by another sweep meanwhile
+                    self.echo(f"skip   {run.label()}: {state}")
+                    return False
+                record = read_record(run.path)
+                resuming = state in ("interrupted", "failed") and folder.has_checkpoint()
+                if resuming:
+                    command = [sys.executable, "-m", "normzoo", "run", "--resume", str(run.path), "--quiet"]
+                else:
+                    command = run.command(self.out)
+                    folder.remove_run_files()  # a run killed before its first checkpoint starts over
+                record.update(options=run.options, command=command_text(run.command(self.out)), failed=None)
+                atomic_write_json(run.path / RUN_RECORD, record)
+        except RunLocked as exc:
+            self.echo(f"skip   {run.label()}: being written by {describe_holder(exc.holder)}")
+            return False
         verb = "resume" if resuming else ("retry " if state == "failed" else "start ")
         self.echo(f"{verb} {run.label()}")
         with (run.path / RUN_LOG).open("ab") as log:
             log.write(f"$ {command_text(command)}\n".encode())
         self.executor.start(run, command, run.path / RUN_LOG)
+        return True
 
     def reap(self, ended: Ended) -> str:
         """Record how a run ended; returns its state."""
@@ -335,6 +358,9 @@ class Sweep:
         record["wall_s"] = record.get("wall_s", 0.0) + seconds
         state = run_state(run.path)
         stopped_by_us = self.stopping and code in (130, -signal.SIGTERM, -signal.SIGINT)
+        if code == RunLocked.exit_code:  # another process took the folder between our look and the run's start
+            self.echo(f"skip   {run.label()}: {skip_reason(run.path, 'locked')}")
+            return "locked"
         if code != 0 and state not in ("interrupted", "diverged", "finished") and not stopped_by_us:
             record["failed"] = {"returncode": code, "error": ended.error or last_error(run.path / RUN_LOG)}
             state = "failed"
@@ -383,7 +409,8 @@ class Sweep:
         passed_on = 0  # stop requests passed on to the executor
         while True:
             while todo and not self.stopping and executor.has_room():
-                self.launch(*todo.pop(0))
+                if not self.launch(*todo.pop(0)):
+                    bar.update(1)
             while passed_on < self.stopping:
                 # First signal: each run saves a checkpoint and exits; a second one aborts them.
                 passed_on += 1
@@ -396,6 +423,15 @@ class Sweep:
                 self.reap(ended)
                 bar.update(1)
                 write_sweep_csv(self.out, self.runs)
+
+
+def skip_reason(path: Path, state: str) -> str:
+    if state == "failed":
+        return "failed (--retry-failed runs it again)"
+    if state == "locked":
+        holder = holder_of(path)
+        return f"being written by {describe_holder(holder) if holder else 'another process'}"
+    return state
 
 
 def cuda_device_count() -> int:

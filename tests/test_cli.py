@@ -28,7 +28,7 @@ def test_norms_table_lists_the_zoo_with_parameters():
     assert result.exit_code == 0
     for name in ["none", "bn", "noisy-bn", "lp", "gn", "ln", "in", "l1-bn", "topk-bn"]:
         assert f"\n{name} " in result.output
-    assert "lp: p=2 (float), centered=false (bool)" in result.output
+    assert "lp: p=2 (float in 1..8 or inf), centered=false (bool)" in result.output
 
 
 def test_help_does_not_import_torch():

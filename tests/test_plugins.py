@@ -168,7 +168,26 @@ def test_load_plugins_env_selects_external_plugins(site, monkeypatch, selection,
 
 
 def test_plugin_error_type_is_user_facing():
-    assert issubclass(PluginError, Exception) and PluginError.exit_code == 2
+    # A plugin whose code fails is not the user's bad input (exit 2): the line names the plugin, the exit is 1.
+    assert issubclass(PluginError, Exception) and PluginError.exit_code == 1
+
+
+def test_two_packages_with_one_entry_point_name_show_the_error_on_the_skipped_one(site, capsys):
+    for dist, module in (("nz-test-first", "nz_test_first"), ("nz-test-second", "nz_test_second")):
+        install_fake_distribution(site, dist, module, """
+            from normzoo import hookimpl
+
+            @hookimpl
+            def register_datasets(register):
+                pass
+        """, ep_name="samename")
+    reset_plugins()
+    rows = [info for info in get_plugins().info.values() if info.name == "samename"]
+    assert len(rows) == 2
+    kept, skipped = sorted(rows, key=lambda info: bool(info.errors))
+    assert kept.errors == [] and len(skipped.errors) == 1 and kept.source != skipped.source
+    assert "same name as an already loaded plugin" in skipped.errors[0]
+    assert kept.source in skipped.errors[0] and skipped.source.removeprefix("entry point ") in skipped.errors[0]
 
 
 class BadNorms:

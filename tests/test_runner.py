@@ -54,9 +54,10 @@ def test_run_writes_a_self_describing_run_dir(tmp_path):
     summary = next(csv.DictReader((run / "summary.csv").open()))
     assert summary["status"] == "finished" and summary["step"] == "12"
     assert float(summary["test_acc"]) == pytest.approx(evals[-1]["acc"])
-    for name in ("last.safetensors", "best.safetensors", "last.state.safetensors"):
+    for name in ("last.safetensors", "best.safetensors"):
         assert (run / name).stat().st_size > 0
     assert not list(run.glob("*.tmp*"))
+    assert not (run / "run.lock").exists() and not (run / "last.state.safetensors").exists()
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(tmp_path, fresh_plugins):

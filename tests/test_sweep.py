@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from normzoo.cli import cli
 from normzoo.errors import NormzooError
+from normzoo.lock import RunLock
 from normzoo.report import write_report
 from normzoo.sweep import plan, run_name, run_state, slot_environments, split_specs
 
@@ -170,8 +171,10 @@ def test_run_state_reads_the_run_folder(tmp_path):
     path.mkdir()
     (path / "config.json").write_text("{}")
     assert run_state(path) == "started"  # killed before its first checkpoint: it starts over
-    (path / "last.state.safetensors").write_bytes(b"")
+    (path / "last.safetensors").write_bytes(b"")
     assert run_state(path) == "interrupted"
+    with RunLock(path):
+        assert run_state(path) == "locked" and run_state(path, holding=True) == "interrupted"
     (path / "sweep-run.json").write_text(json.dumps({"failed": {"returncode": 1, "error": "boom"}}))
     assert run_state(path) == "failed"
     (path / "summary.csv").write_text("run,status\nrun,diverged\n")

@@ -12,12 +12,15 @@ is reported by ``forward`` with the fix (``dln,width=<features>``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from normzoo.errors import NormzooError
+from normzoo.spec import Range
+
+Layers = Annotated[int, Range(1, 4096)]
 
 
 class DeepLinearNetwork(nn.Module):
@@ -42,7 +45,7 @@ class DeepLinearNetwork(nn.Module):
         return self.layers[-1]
 
 
-def build_dln(*, norm_layer: Any, num_classes: int = 10, in_chans: int = 3, depth: int = 25, width: int = 10,
+def build_dln(*, norm_layer: Any, num_classes: int = 10, in_chans: int = 3, depth: Layers = 25, width: Layers = 10,
               device: Any = None, dtype: Any = None) -> DeepLinearNetwork:
     """Build a deep linear network of ``depth`` ``width``×``width`` layers (``in_chans``/``num_classes`` unused)."""
     if depth < 1 or width < 1:

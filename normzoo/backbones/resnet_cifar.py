@@ -17,6 +17,7 @@ from torch import nn
 
 from normzoo.backbones import norm_and_bias, scaled
 from normzoo.errors import NormzooError
+from normzoo.spec import Width
 
 DEPTHS = (20, 56, 110)
 """Registered depths (any 6n+2 works with :func:`build_resnet`)."""
@@ -93,7 +94,7 @@ class CifarResNet(nn.Module):
         return self.fc
 
 
-def build_resnet(depth: int, *, norm_layer: Any, num_classes: int = 10, in_chans: int = 3, width: float = 1.0,
+def build_resnet(depth: int, *, norm_layer: Any, num_classes: int = 10, in_chans: int = 3, width: Width = 1.0,
                  device: Any = None, dtype: Any = None) -> CifarResNet:
     """Build the CIFAR ResNet with ``depth`` = 6n+2 layers (20, 32, 44, 56, 110, ...).
 

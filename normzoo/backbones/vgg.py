@@ -16,6 +16,7 @@ from torch import nn
 
 from normzoo.backbones import norm_and_bias, scaled
 from normzoo.errors import NormzooError
+from normzoo.spec import Width
 
 DEPTH_TO_CFG = {11: "A", 13: "B", 16: "D", 19: "E"}
 """VGG depth -> torchvision configuration letter."""
@@ -46,7 +47,7 @@ def vgg_layers(cfg: str, width: float = 1.0) -> list[int | str]:
     return [v if v == "M" else scaled(int(v), width) for v in cfgs[cfg]]
 
 
-def build_vgg(cfg: str, *, norm_layer: Any, num_classes: int = 10, in_chans: int = 3, width: float = 1.0,
+def build_vgg(cfg: str, *, norm_layer: Any, num_classes: int = 10, in_chans: int = 3, width: Width = 1.0,
               glorot: bool = False, device: Any = None, dtype: Any = None) -> VGG:
     """Build a CIFAR-style VGG from torchvision's configuration ``cfg`` ('A', 'B', 'D' or 'E').
 

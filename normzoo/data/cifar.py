@@ -7,8 +7,9 @@ Two on-disk layouts are understood, looked for in ``data_dir`` (or ``data_dir`` 
   ``fine_label_names.txt``, ``coarse_label_names.txt``). Each record is the label byte (CIFAR-100: the coarse
   then the fine label byte) followed by 3072 pixel bytes: 1024 red, 1024 green, 1024 blue, rows of 32;
 - torchvision's **python** version (``cifar-10-batches-py/``, ``cifar-100-python/``), whose files are pickles of
-  dicts of numpy arrays. They are read with :func:`restricted_unpickle`, which can rebuild numpy arrays and
-  nothing else.
+  dicts of numpy arrays. They are read without unpickling (:mod:`normzoo.data.pickle_reader` walks the opcodes
+  as data), and only the exact types the real files use are accepted: a ``uint8`` image array of 3072 columns,
+  integer labels, string keys and class names.
 
 When neither is found and ``download`` is true, the official binary tarball is fetched into ``data_dir`` with
 torchvision's ``download_and_extract_archive`` (md5-checked). A failed download is an error, never a fallback.
@@ -16,8 +17,6 @@ torchvision's ``download_and_extract_archive`` (md5-checked). A failed download 
 
 from __future__ import annotations
 
-import io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from normzoo.data.dataset import Dataset, from_uint8_images, resolve_data_dir
+from normzoo.data.pickle_reader import read_pickled_data
 from normzoo.errors import NormzooError
 
 PIXELS = 3 * 32 * 32
@@ -60,58 +60,6 @@ CIFAR100 = CifarLayout(
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-# -- the restricted unpickler ----------------------------------------------------------------------------------
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    import codecs
-
-    try:  # numpy >= 2 keeps the implementation in numpy._core; numpy.core is a deprecated alias
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-
-    allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        # Python 3 pickles of bytes at protocol <= 2 call codecs.encode(text, "latin1"): a pure function.
-        ("_codecs", "encode"): codecs.encode,
-    }
-    for module in ("numpy.core", "numpy._core"):
-        # ndarray.__reduce__ (protocols 0-4; the CIFAR files were written by Python 2 at protocol 2)
-        allowed[(f"{module}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        # ndarray.__reduce_ex__ at protocol 5
-        allowed[(f"{module}.numeric", "_frombuffer")] = numeric._frombuffer
-    return allowed
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase) -> None:
-        super().__init__(file, encoding="latin1")
-        self._allowed = _allowed_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing to load global '{module}.{name}': only numpy arrays may be unpickled here") from None
-
-
-def restricted_unpickle(path: str | Path) -> Any:
-    """Load one of torchvision's CIFAR pickles, allowing only what rebuilds numpy arrays.
-
-    Why: an ordinary ``pickle.load`` runs whatever callables the file names (``os.system`` included), so a
-    tampered or malicious ``data_batch_1`` in a downloaded folder could execute code. These files only ever
-    hold dicts, lists, strings, ints and numpy arrays, so :class:`_NumpyOnlyUnpickler` resolves exactly the
-    globals numpy uses to rebuild an array (``numpy[._]core.multiarray._reconstruct``, ``numpy.ndarray``,
-    ``numpy.dtype``, the protocol-5 ``numpy[._]core.numeric._frombuffer`` and ``_codecs.encode`` for bytes)
-    and raises :class:`pickle.UnpicklingError` for any other. ``encoding="latin1"`` reads the Python 2 pickles
-    the official tarball ships (byte strings become ``str``; numpy decodes its buffers from latin-1).
-    """
-    with open(path, "rb") as f:
-        return _NumpyOnlyUnpickler(f).load()
-
-
 # -- readers ---------------------------------------------------------------------------------------------------
 
 def _key(d: dict[Any, Any], name: str) -> Any:
@@ -140,19 +88,40 @@ def _read_names(path: Path) -> list[str]:
 
 
 def _read_py(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) and labels of a python-version batch: exactly what the real files hold, or an error."""
     if not path.is_file():
         raise NormzooError(f"missing CIFAR file {path}")
+    batch = read_pickled_data(path)
+    if not isinstance(batch, dict):
+        raise NormzooError(f"{path} is not a CIFAR python batch (it holds a {type(batch).__name__}, not a dict)")
     try:
-        batch = restricted_unpickle(path)
-        data = np.asarray(_key(batch, "data"), dtype=np.uint8)
-        labels = np.asarray(_key(batch, label_key), dtype=np.int64)
-    except pickle.UnpicklingError as exc:
-        raise NormzooError(f"{path}: {exc}") from None
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, EOFError) as exc:
-        raise NormzooError(f"{path} is not a CIFAR python batch ({type(exc).__name__}: {exc})") from None
-    if data.ndim != 2 or data.shape[1] != PIXELS or len(data) != len(labels):
-        raise NormzooError(f"{path}: data {data.shape} and {label_key} {labels.shape} are not CIFAR batches")
+        data, labels = _key(batch, "data"), _key(batch, label_key)
+    except KeyError as exc:
+        raise NormzooError(f"{path} is not a CIFAR python batch (no {exc} entry)") from None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS:
+        what = f"{data.dtype} array of shape {list(data.shape)}" if isinstance(data, np.ndarray) else \
+            type(data).__name__
+        raise NormzooError(f"{path}: 'data' is a {what}, not the uint8 (N, {PIXELS}) array of a CIFAR batch")
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.ndim == 1:
+        labels = labels.astype(np.int64)
+    elif isinstance(labels, list) and all(type(v) is int for v in labels):
+        labels = np.asarray(labels, dtype=np.int64)
+    else:
+        raise NormzooError(f"{path}: '{label_key}' is not a list of integer labels")
+    if len(data) != len(labels):
+        raise NormzooError(f"{path}: {len(data)} images but {len(labels)} labels")
     return data.reshape(-1, 3, 32, 32), labels
+
+
+def _class_names(path: Path, key: str) -> list[str]:
+    meta = read_pickled_data(path)
+    try:
+        names = _key(meta, key) if isinstance(meta, dict) else None
+    except KeyError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, (str, bytes)) for n in names):
+        raise NormzooError(f"{path}: no list of class names under '{key}'")
+    return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
 
 
 def _looks_like(folder: Path, files: tuple[str, ...]) -> bool:
@@ -218,10 +187,7 @@ def load_cifar(layout: CifarLayout, *, data_dir: str | None, download: bool,
                                 else ("meta", f"{label_type}_label_names"))
         classes = []
         if (folder / meta_name).is_file():
-            try:
-                classes = [str(c) for c in _key(restricted_unpickle(folder / meta_name), names_key)]
-            except (pickle.UnpicklingError, KeyError, TypeError, EOFError) as exc:
-                raise NormzooError(f"{folder / meta_name}: cannot read class names ({exc})") from None
+            classes = _class_names(folder / meta_name, names_key)
 
     num_classes = 10 if layout is CIFAR10 else (20 if label_type == "coarse" else 100)
     if layout is CIFAR10 and not classes:

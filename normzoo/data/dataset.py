@@ -114,6 +114,20 @@ class Dataset:
             raise ValueError(f"dataset '{self.name}': " + "; ".join(problems))
 
 
+def check_fits_in_memory(what: str, nbytes: int) -> None:
+    """Refuse, in one line, to build an in-memory dataset larger than this machine's memory (the numbers may come
+    from a checkpoint's metadata, not only from the user)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # no way to tell here: let the allocator decide
+        return
+    if nbytes > total:
+        from normzoo.errors import NormzooError
+
+        raise NormzooError(f"{what} would need about {nbytes / 2**30:,.1f} GiB while it is made, more than this "
+                           f"machine's {total / 2**30:,.0f} GiB of memory; ask for fewer or smaller samples")
+
+
 def to_device(dataset: Dataset, device: torch.device | str, non_blocking: bool = False) -> Dataset:
     """A copy of ``dataset`` with ``train_x``, ``train_y``, ``test_x`` and ``test_y`` moved to ``device``."""
     return dataclasses.replace(

@@ -15,6 +15,7 @@ import numpy as np
 
 from normzoo.data.dataset import Dataset, from_uint8_images, resolve_data_dir
 from normzoo.errors import NormzooError
+from normzoo.spec import Pad
 
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -138,13 +139,13 @@ def load_idx_dataset(kind: str, *, data_dir: str | None, pad: int, download: boo
     )
 
 
-def mnist(*, data_dir: str | None = None, pad: int = 2, download: bool = True) -> Dataset:
+def mnist(*, data_dir: str | None = None, pad: Pad = 2, download: bool = True) -> Dataset:
     """MNIST digits (60k train / 10k test), 1 channel, zero-padded by ``pad`` px (28 -> 32 so that CIFAR
     backbones with five 2x poolings apply), normalised with the train set's mean and std."""
     return load_idx_dataset("mnist", data_dir=data_dir, pad=pad, download=download)
 
 
-def fashion_mnist(*, data_dir: str | None = None, pad: int = 2, download: bool = True) -> Dataset:
+def fashion_mnist(*, data_dir: str | None = None, pad: Pad = 2, download: bool = True) -> Dataset:
     """Fashion-MNIST (60k train / 10k test, Zalando, MIT licence), 1 channel, zero-padded by ``pad`` px
     (28 -> 32 so that CIFAR backbones with five 2x poolings apply), normalised with the train set's statistics.
     Looked for in data_dir, then the Debian package folder /usr/share/datasets/fashion-mnist, then downloaded."""

@@ -16,6 +16,7 @@ import numpy as np
 from normzoo.data.dataset import Dataset, from_uint8_images
 from normzoo.data.idx import FASHION_MNIST_CLASSES, pad_images
 from normzoo.errors import NormzooError
+from normzoo.spec import Pad
 
 MINI_PATH = Path(__file__).with_name("fashion_mnist_mini.npz")
 
@@ -33,7 +34,7 @@ def read_mini(path: Path = MINI_PATH) -> dict[str, np.ndarray]:
         raise NormzooError(f"fashion-mnist-mini: cannot read {path} ({exc})") from None
 
 
-def fashion_mnist_mini(*, data_dir: str | None = None, pad: int = 2) -> Dataset:
+def fashion_mnist_mini(*, data_dir: str | None = None, pad: Pad = 2) -> Dataset:
     """A bundled, class-balanced 10k/2k subset of the real Fashion-MNIST (works offline, loads in well
     under a second), 1 channel, zero-padded by ``pad`` px (28 -> 32) and normalised with its train statistics.
     ``data_dir`` is ignored."""

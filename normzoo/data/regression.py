@@ -1,15 +1,20 @@
-"""Gaussian linear regression ``y = A x`` for the deep linear network (Santurkar et al. 2018, §A.2; DESIGN §8)."""
+"""Gaussian linear regression ``y = A x`` for the deep linear network (Santurkar et al. 2018, §A.2)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 
-from normzoo.data.dataset import Dataset
+from normzoo.data.dataset import Dataset, check_fits_in_memory
 from normzoo.errors import NormzooError
+from normzoo.spec import Count, NonNegative, PositiveInt, Range, Seed
+
+Features = Annotated[int, Range(1, 4096)]
 
 
-def gaussian_regression(*, data_dir: str | None = None, features: int = 10, n_train: int = 4096,
-                        n_test: int = 1024, seed: int = 0, noise: float = 0.0) -> Dataset:
+def gaussian_regression(*, data_dir: str | None = None, features: Features = 10, n_train: PositiveInt = 4096,
+                        n_test: Count = 1024, seed: Seed = 0, noise: NonNegative = 0.0) -> Dataset:
     """Inputs ``x ~ N(0, I_features)``, targets ``y = A x + noise * N(0, I)`` with ``A_ij ~ N(0, 1)``.
 
     ``A`` (``features x features``), the train set and the test set come from separate random streams spawned
@@ -24,6 +29,7 @@ def gaussian_regression(*, data_dir: str | None = None, features: int = 10, n_tr
             raise NormzooError(f"gaussian-regression: {name} must be ≥ {low}, got {value}")
     if noise < 0:
         raise NormzooError(f"gaussian-regression: noise must be ≥ 0, got {noise}")
+    check_fits_in_memory("gaussian-regression", ((n_train + n_test) * 2 + features) * features * 16)
     a_rng, train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     matrix = a_rng.standard_normal((features, features))
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from normzoo.data.dataset import Dataset, safe_std
+from normzoo.data.dataset import Dataset, check_fits_in_memory, safe_std
 from normzoo.errors import NormzooError
+from normzoo.spec import Channels, Classes, Count, PositiveInt, Seed, Side
 
 
-def synthetic(*, data_dir: str | None = None, n: int = 256, n_test: int = 64, size: int = 32, channels: int = 3,
-              classes: int = 10, seed: int = 0) -> Dataset:
+def synthetic(*, data_dir: str | None = None, n: PositiveInt = 256, n_test: Count = 64, size: Side = 32,
+              channels: Channels = 3, classes: Classes = 10, seed: Seed = 0) -> Dataset:
     """Random ``channels x size x size`` images in ``classes`` classes that a small network learns quickly.
 
     Each class has a smooth prototype (a 4x4 standard-normal pattern per channel, upsampled by repetition);
@@ -24,6 +25,8 @@ def synthetic(*, data_dir: str | None = None, n: int = 256, n_test: int = 64, si
                              ("classes", classes, 1)):
         if value < low:
             raise NormzooError(f"synthetic: {name} must be ≥ {low}, got {value}")
+    # float64 images plus the prototypes gathered for them: two copies while the set is made
+    check_fits_in_memory("synthetic", (n + n_test) * channels * size * size * 16)
     proto_rng, train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     coarse = min(4, size)
     cells = (np.arange(size) * coarse) // size  # pixel -> 4x4 cell

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from normzoo.distributed import ChannelReduce, SyncedChannelReduce, sync_active
 from normzoo.norms.base import NormTraits, as_channels_first_4d
+from normzoo.spec import Fraction, NonNegative
 
 _DIMS = (0, 2, 3)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -269,7 +270,7 @@ class BatchScaleNorm(nn.Module):
 
     traits = NormTraits(batch_dependent=True, running_stats=True, min_values=2)
 
-    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, momentum: float = 0.1,
+    def __init__(self, num_features: int, *, eps: NonNegative = 1e-5, affine: bool = True, momentum: Fraction = 0.1,
                  sync: bool = False, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         if num_features < 1:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from normzoo.distributed import SyncedChannelReduce, sync_active
 from normzoo.norms._scale import channel, compute_dtype
 from normzoo.norms.base import NormTraits, as_channels_first_4d
+from normzoo.spec import Fraction, NonNegative
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -26,7 +27,7 @@ class BatchNorm(nn.BatchNorm2d):
 
     traits = NormTraits(batch_dependent=True, running_stats=True, min_values=2)
 
-    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, momentum: float = 0.1,
+    def __init__(self, num_features: int, *, eps: NonNegative = 1e-5, affine: bool = True, momentum: Fraction = 0.1,
                  sync: bool = False, device: Any = None, dtype: Any = None) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=True,
                          device=device, dtype=dtype)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normzoo.norms.base import NormTraits
+from normzoo.spec import NonNegative, PositiveInt
 
 _TRAITS = NormTraits(batch_dependent=False, running_stats=False, min_values=2)
 
@@ -53,7 +54,7 @@ class GroupNorm(_GroupStatNorm):
     get 24 groups, 10 channels get 10). ``num_groups`` holds the number actually used.
     """
 
-    def __init__(self, num_features: int, *, groups: int = 32, eps: float = 1e-5, affine: bool = True,
+    def __init__(self, num_features: int, *, groups: PositiveInt = 32, eps: NonNegative = 1e-5, affine: bool = True,
                  device: Any = None, dtype: Any = None) -> None:
         if groups < 1:
             raise ValueError(f"gn: groups must be a positive integer, got {groups}")
@@ -68,7 +69,7 @@ class GroupNorm(_GroupStatNorm):
 class LayerNorm(_GroupStatNorm):
     """Layer norm for conv nets: per sample over C, H, W (group norm with one group), affine per channel."""
 
-    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, device: Any = None,
+    def __init__(self, num_features: int, *, eps: NonNegative = 1e-5, affine: bool = True, device: Any = None,
                  dtype: Any = None) -> None:
         super().__init__(num_features, 1, eps, affine, device, dtype)
 
@@ -80,6 +81,6 @@ class InstanceNorm(_GroupStatNorm):
     sample is a group of one value, so the output is the bias β.
     """
 
-    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, device: Any = None,
+    def __init__(self, num_features: int, *, eps: NonNegative = 1e-5, affine: bool = True, device: Any = None,
                  dtype: Any = None) -> None:
         super().__init__(num_features, num_features, eps, affine, device, dtype)

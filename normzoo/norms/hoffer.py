@@ -25,12 +25,13 @@ from torch import Tensor
 from normzoo.distributed import ChannelReduce
 from normzoo.norms._scale import SQRT_HALF_PI, BatchScaleNorm, ScaleStats, SparseScaleGrad, channel_sum
 from normzoo.norms.lp import power_mean_stats, reference_power_mean
+from normzoo.spec import Fraction, NonNegative, PositiveInt
 
 
 class L1BatchNorm(BatchScaleNorm):
     """L1 batch norm: ``γ (x − µ) / (sqrt(π/2) · mean|x − µ| + eps) + β`` per channel."""
 
-    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, momentum: float = 0.1,
+    def __init__(self, num_features: int, *, eps: NonNegative = 1e-5, affine: bool = True, momentum: Fraction = 0.1,
                  sync: bool = False, device: Any = None, dtype: Any = None) -> None:
         super().__init__(num_features, eps=eps, affine=affine, momentum=momentum, sync=sync, device=device,
                          dtype=dtype)
@@ -49,8 +50,8 @@ class TopKBatchNorm(BatchScaleNorm):
     The gradient flows to the k selected elements (and, through µ, to all).
     """
 
-    def __init__(self, num_features: int, *, k: int = 10, eps: float = 1e-5, affine: bool = True,
-                 momentum: float = 0.1, sync: bool = False, device: Any = None, dtype: Any = None) -> None:
+    def __init__(self, num_features: int, *, k: PositiveInt = 10, eps: NonNegative = 1e-5, affine: bool = True,
+                 momentum: Fraction = 0.1, sync: bool = False, device: Any = None, dtype: Any = None) -> None:
         if int(k) != k or k < 1:
             raise ValueError(f"topk-bn: k must be a positive integer, got {k}")
         super().__init__(num_features, eps=eps, affine=affine, momentum=momentum, sync=sync, device=device,

@@ -18,7 +18,7 @@ plain autograd ops.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
@@ -37,8 +37,11 @@ from normzoo.norms._scale import (
     channel_sum,
     nan_free_reciprocal,
 )
+from normzoo.spec import Fraction, NonNegative, Range
 
 _DIMS = (0, 2, 3)
+# Finite p above 8 overflows float32 powers |x|^p for activations past ~6.5e4; p = inf is the max itself.
+Power = Annotated[float, Range(1, 8, inf=True)]
 
 
 def power_mean_stats(x: Tensor, p: float, centered: bool, factor: float = 1.0) -> ScaleStats:
@@ -101,8 +104,8 @@ class LpNorm(BatchScaleNorm):
     ``p`` is 1, 2, inf or any p ≥ 1; ``centered`` takes the power mean of ``x − µ`` instead of ``x``.
     """
 
-    def __init__(self, num_features: int, *, p: float = 2.0, centered: bool = False, eps: float = 1e-5,
-                 affine: bool = True, momentum: float = 0.1, sync: bool = False, device: Any = None,
+    def __init__(self, num_features: int, *, p: Power = 2.0, centered: bool = False, eps: NonNegative = 1e-5,
+                 affine: bool = True, momentum: Fraction = 0.1, sync: bool = False, device: Any = None,
                  dtype: Any = None) -> None:
         p = float(p)
         if math.isnan(p) or p < 1.0:

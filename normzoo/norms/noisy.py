@@ -36,7 +36,7 @@ the cost is N times the draws). ``sync=true`` also takes the BN statistics over 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,10 @@ from torch import Tensor, nn
 from normzoo.distributed import global_batch_rows, sync_active
 from normzoo.norms.base import NormTraits
 from normzoo.norms.batch import BatchNorm
+from normzoo.spec import Fraction, NonNegative, Range
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+Scale = Annotated[float, Range(1)]  # σ_j ~ U(1, sigma)
 
 
 class NoisyBatchNorm(BatchNorm):
@@ -54,10 +56,11 @@ class NoisyBatchNorm(BatchNorm):
 
     traits = NormTraits(batch_dependent=True, running_stats=True, min_values=2)
 
-    def __init__(self, num_features: int, *, mu: float = 0.5, sigma: float = 1.25, r_mu: float = 0.1,
-                 r_sigma: float = 0.1, where: Literal["after", "before"] = "after",
-                 eval: Literal["mean", "none"] = "mean", bn: bool = True, eps: float = 1e-5, affine: bool = True,
-                 momentum: float = 0.1, sync: bool = False, device: Any = None, dtype: Any = None) -> None:
+    def __init__(self, num_features: int, *, mu: NonNegative = 0.5, sigma: Scale = 1.25, r_mu: NonNegative = 0.1,
+                 r_sigma: NonNegative = 0.1, where: Literal["after", "before"] = "after",
+                 eval: Literal["mean", "none"] = "mean", bn: bool = True, eps: NonNegative = 1e-5,
+                 affine: bool = True, momentum: Fraction = 0.1, sync: bool = False, device: Any = None,
+                 dtype: Any = None) -> None:
         for name, value in (("mu", mu), ("r_mu", r_mu), ("r_sigma", r_sigma)):
             if not value >= 0:
                 raise ValueError(f"noisy-bn: {name} must be >= 0, got {value}")

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from normzoo.norms.base import NormTraits
+from normzoo.spec import NonNegative
 
 
 class NoNorm(nn.Identity):
@@ -14,7 +15,7 @@ class NoNorm(nn.Identity):
 
     traits = NormTraits(batch_dependent=False, running_stats=False, min_values=1)
 
-    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, device: Any = None,
+    def __init__(self, num_features: int, *, eps: NonNegative = 1e-5, affine: bool = True, device: Any = None,
                  dtype: Any = None) -> None:
         super().__init__()
         self.num_features = num_features

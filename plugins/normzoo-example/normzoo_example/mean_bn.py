@@ -10,6 +10,7 @@ from torch import nn
 from normzoo import NormTraits
 from normzoo.distributed import channel_reduce
 from normzoo.norms.base import as_channels_first_4d
+from normzoo.spec import Fraction, NonNegative
 
 
 class MeanOnlyBatchNorm(nn.Module):
@@ -17,7 +18,9 @@ class MeanOnlyBatchNorm(nn.Module):
 
     The constructor follows normzoo's norm contract: channels first, then keyword-only ``eps``, ``affine``, the
     norm's own parameters (here ``momentum``), ``device`` and ``dtype``. ``eps`` is unused (nothing is divided)
-    but part of the contract, so that any norm can stand in for any other.
+    but part of the contract, so that any norm can stand in for any other. The annotations ``NonNegative`` and
+    ``Fraction`` (``Annotated[float, normzoo.spec.Range(...)]``) let normzoo refuse a value out of range in one line
+    when the spec is parsed (``mean-bn:momentum=2``), before anything is built.
 
     ``sync=true`` takes the mean over the batches of all data-parallel replicas (``torchrun``): the reductions of
     ``normzoo.distributed.channel_reduce`` are differentiable collectives when replicas are running and plain
@@ -26,7 +29,7 @@ class MeanOnlyBatchNorm(nn.Module):
 
     traits = NormTraits(batch_dependent=True, running_stats=True, min_values=2)
 
-    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, momentum: float = 0.1,
+    def __init__(self, num_features: int, *, eps: NonNegative = 1e-5, affine: bool = True, momentum: Fraction = 0.1,
                  sync: bool = False, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}

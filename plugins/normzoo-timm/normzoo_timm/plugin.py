@@ -15,6 +15,7 @@ from torch import nn
 
 from normzoo import NormTraits, hookimpl
 from normzoo.norms.group import largest_divisor_at_most
+from normzoo.spec import Fraction, NonNegative, PositiveInt
 
 PER_SAMPLE = NormTraits(batch_dependent=False, running_stats=False, min_values=1)
 BATCH = NormTraits(batch_dependent=True, running_stats=True, min_values=2)
@@ -29,8 +30,8 @@ def bridge(base: type[nn.Module], *, eps: float, traits: NormTraits, affine_swit
     default_eps = eps
 
     class TimmNorm(base):  # type: ignore[misc, valid-type]
-        def __init__(self, num_features: int, *, eps: float = default_eps, affine: bool = True, device: Any = None,
-                     dtype: Any = None, **params: Any) -> None:
+        def __init__(self, num_features: int, *, eps: NonNegative = default_eps, affine: bool = True,
+                     device: Any = None, dtype: Any = None, **params: Any) -> None:
             if "groups" in params:
                 params["groups"] = largest_divisor_at_most(num_features, params["groups"])
             switch = {"affine": affine} if affine_switch else {}
@@ -57,6 +58,9 @@ def bridge(base: type[nn.Module], *, eps: float, traits: NormTraits, affine_swit
             return out.flatten(1) if flat else out
 
     TimmNorm.__init__.__signature__ = spec_signature(TimmNorm.__init__, base)  # type: ignore[attr-defined]
+    # timm's own parameters get the ranges normzoo checks before building (a spec value outside is one line).
+    TimmNorm.__init__.__annotations__.update({name: hint for name, hint in KNOWN_RANGES.items()
+                                              if name in TimmNorm.__init__.__signature__.parameters})
     TimmNorm.traits = traits
     # timm computes EvoNorm and FRN statistics in float32 even for float64 input (x.float().var(...)).
     TimmNorm.float32_internals = base.__module__.endswith(("evo_norm", "filter_response_norm"))
@@ -68,6 +72,9 @@ def bridge(base: type[nn.Module], *, eps: float, traits: NormTraits, affine_swit
 # Parameters of timm constructors that are normzoo's own, not expressible in a spec, or not a norm's business.
 NOT_SPEC_PARAMS = {"self", "num_features", "num_channels", "channels", "eps", "affine", "device", "dtype",
                    "act_layer", "act_kwargs", "drop_layer", "inplace", "group_size"}
+
+
+KNOWN_RANGES = {"groups": PositiveInt, "momentum": Fraction}
 
 
 def spec_signature(init: Any, base: type[nn.Module]) -> inspect.Signature:
