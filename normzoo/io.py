@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import stat
 import struct
@@ -162,7 +163,20 @@ def save_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.T
         if bad:
             raise TypeError(f"safetensors metadata must map str to str; bad entries: {', '.join(map(str, bad))}")
     prepared = prepare_tensors(tensors)
-    return atomic_write(path, lambda tmp: save_file(prepared, tmp, metadata=dict(metadata or {})))
+
+    def write(tmp: Path) -> None:
+        from safetensors import SafetensorError
+
+        try:
+            save_file(prepared, tmp, metadata=dict(metadata or {}))
+        except SafetensorError as exc:  # its I/O errors are the system's: a full disk must read as one
+            found = re.search(r"os error (\d+)", str(exc))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from exc
+
+    return atomic_write(path, write)
 
 
 def read_safetensors_header(path: str | os.PathLike[str], *, what: str = "file") -> dict[str, Any]:

@@ -21,6 +21,8 @@ from typing import Any
 from normzoo.errors import NormzooError
 
 LOCK_FILE = "run.lock"
+# A sweep hands a run's lock to the run's process: the open lock file is inherited under this descriptor number.
+INHERITED_FD_ENV = "NORMZOO_RUN_LOCK_FD"
 BUSY_RETRY_S = 1.0  # how long a writer keeps trying a lock that is held (holder_of holds one for an instant)
 
 
@@ -59,6 +61,9 @@ class RunLock:
         self.stale: dict[str, Any] | None = None
 
     def acquire(self) -> RunLock:
+        fd = self._inherited()
+        if fd is not None:  # the sweep that started this process held the lock for it, and still does through us
+            return self._own(fd)
         deadline = time.monotonic() + BUSY_RETRY_S
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -79,12 +84,46 @@ class RunLock:
                 break
             os.close(fd)
         self.stale = _read(fd) or None
+        return self._own(fd)
+
+    def _own(self, fd: int) -> RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
               "command": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self.fd = fd
         return self
+
+    def _inherited(self) -> int | None:
+        """The lock file's descriptor a parent passed down (``INHERITED_FD_ENV``), if it is this folder's lock."""
+        text = os.environ.get(INHERITED_FD_ENV)
+        if not text:
+            return None
+        try:
+            fd = int(text)
+            mine, theirs = os.fstat(fd), os.stat(self.path)
+        except (ValueError, OSError):
+            return None
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+            return None
+        del os.environ[INHERITED_FD_ENV]  # for this process alone, not for processes it starts
+        return fd
+
+    def hand_over(self) -> dict[str, str]:
+        """Let a child process take the lock over: the environment to give it, with ``pass_fds=(lock.fd,)``.
+
+        After starting the child, call :meth:`detach`: the lock then lives on in the child alone.
+        """
+        if self.fd is None:
+            raise RuntimeError("hand_over() of a lock that is not held")
+        os.set_inheritable(self.fd, True)
+        return {INHERITED_FD_ENV: str(self.fd)}
+
+    def detach(self) -> None:
+        """Close this process's handle without releasing the lock a child now holds through its own."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def release(self) -> None:
         if self.fd is None:

@@ -25,7 +25,8 @@ from torch import nn
 
 from normzoo.config import RunConfig
 from normzoo.distributed import Replicas, local_statistics
-from normzoo.errors import NormzooError, PluginError, describe_error, is_out_of_memory
+from normzoo.errors import (NormzooError, PluginError, RunFailed, describe_error, describe_os_error,
+                            is_out_of_memory)
 from normzoo.evaluate import evaluate
 from normzoo.lock import RunLock
 from normzoo.probe import Probe, ProbeContext
@@ -90,6 +91,18 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (every device), Python's ``random`` and numpy's global generator: plugins may use any of them,
+    and the checkpoint saves all three, so a resumed run continues each stream where it left off."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -211,7 +224,7 @@ class Trainer:
         from normzoo.plugins import registry
 
         config = self.config
-        torch.manual_seed(config.seed)
+        seed_everything(config.seed)
         self.augment = augment
         self.data = load_dataset(config.dataset, data_dir=config.data_dir)
         if len(self.data.train_y) < config.batch_size:
@@ -346,6 +359,11 @@ class Trainer:
             raise
         except BaseException as exc:
             self.fail(exc) if self.progressed else self.abandon()
+            if isinstance(exc, OSError):  # a full or read-only disk: say which run it hit
+                message, code = describe_os_error(exc)
+                failure = RunFailed(f"run {self.run.path}: {message}")
+                failure.exit_code = code
+                raise failure from exc
             raise
         finally:
             if self.lock is not None:

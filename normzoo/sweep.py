@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from normzoo.errors import NormzooError
 from normzoo.io import atomic_write_json
-from normzoo.lock import RunLocked, describe_holder, holder_of
+from normzoo.lock import RunLock, RunLocked, describe_holder, holder_of
 from normzoo.rundir import SUMMARY_FIELDS, RunDir, write_csv
 
 SWEEP_FILE = "sweep.json"
@@ -200,7 +200,10 @@ class Executor(Protocol):
         """Whether another run can be started now."""
         ...
 
-    def start(self, run: PlannedRun, command: list[str], log: Path) -> None: ...
+    def start(self, run: PlannedRun, command: list[str], log: Path, lock: RunLock | None = None) -> None:
+        """Start one run; ``lock`` (the run folder's, held by the sweep) is handed to the run's process where it
+        can inherit it, so no other sweep can take the folder in between; otherwise it is simply released."""
+        ...
 
     def running(self) -> int:
         """Runs started and not yet reported by :meth:`wait`."""
@@ -267,12 +270,18 @@ class LocalExecutor:
     def running(self) -> int:
         return sum(slot.process is not None for slot in self.slots)
 
-    def start(self, run: PlannedRun, command: list[str], log: Path) -> None:
+    def start(self, run: PlannedRun, command: list[str], log: Path, lock: RunLock | None = None) -> None:
         slot = next(slot for slot in self.slots if slot.process is None)
-        with log.open("ab") as out:
-            # Its own session: a Ctrl-C in the terminal reaches the sweep only, which passes it on as one SIGTERM.
-            slot.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env={**os.environ, **slot.env}, start_new_session=True)
+        handed = lock.hand_over() if lock is not None else {}
+        try:
+            with log.open("ab") as out:
+                # Its own session: a Ctrl-C in the terminal reaches the sweep only, which passes it on as one SIGTERM.
+                slot.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, env={**os.environ, **slot.env, **handed},
+                                                start_new_session=True, pass_fds=(lock.fd,) if lock else ())
+        finally:
+            if lock is not None:
+                lock.detach()  # the run's process holds the lock now (or, if it did not start, nobody does)
         slot.run, slot.started = run, time.perf_counter()
 
     def wait(self, timeout: float) -> list[Ended]:
@@ -323,33 +332,49 @@ class Sweep:
         return todo
 
     def launch(self, run: PlannedRun, state: str) -> bool:
-        """Start (or resume) one run; False when another process took it since :meth:`todo` looked."""
+        """Start (or resume) one run; False when another process took it since :meth:`todo` looked.
+
+        The run folder's lock is taken here, held while the folder is prepared, and handed to the run's process,
+        so that no other sweep (or ``normzoo run --resume``) can take the folder in between.
+        """
         run.path.mkdir(parents=True, exist_ok=True)
-        folder = RunDir(run.path)
         try:
-            with folder.claim():  # held while the folder is prepared; the run's own process then takes it
-                state = run_state(run.path, holding=True)  # as it is now that nobody else can change it
-                if state in ("finished", "diverged"):  # done by another sweep meanwhile
-                    self.echo(f"skip   {run.label()}: {state}")
-                    return False
-                record = read_record(run.path)
-                resuming = state in ("interrupted", "failed") and folder.has_checkpoint()
-                if resuming:
-                    command = [sys.executable, "-m", "normzoo", "run", "--resume", str(run.path), "--quiet"]
-                else:
-                    command = run.command(self.out)
-                    folder.remove_run_files()  # a run killed before its first checkpoint starts over
-                record.update(options=run.options, command=command_text(run.command(self.out)), failed=None)
-                atomic_write_json(run.path / RUN_RECORD, record)
+            lock = RunDir(run.path).claim()
         except RunLocked as exc:
             self.echo(f"skip   {run.label()}: being written by {describe_holder(exc.holder)}")
             return False
+        try:
+            command = self.prepare(run)
+        except BaseException:
+            lock.release()
+            raise
+        if command is None:
+            lock.release()
+            return False
+        self.executor.start(run, command, run.path / RUN_LOG, lock=lock)
+        return True
+
+    def prepare(self, run: PlannedRun) -> list[str] | None:
+        """With the folder's lock held: the command that starts or resumes the run (None if it is done now)."""
+        folder = RunDir(run.path)
+        state = run_state(run.path, holding=True)  # as it is now that nobody else can change it
+        if state in ("finished", "diverged"):  # done by another sweep meanwhile
+            self.echo(f"skip   {run.label()}: {state}")
+            return None
+        record = read_record(run.path)
+        resuming = state in ("interrupted", "failed") and folder.has_checkpoint()
+        if resuming:
+            command = [sys.executable, "-m", "normzoo", "run", "--resume", str(run.path), "--quiet"]
+        else:
+            command = run.command(self.out)
+            folder.remove_run_files()  # a run killed before its first checkpoint starts over
+        record.update(options=run.options, command=command_text(run.command(self.out)), failed=None)
+        atomic_write_json(run.path / RUN_RECORD, record)
         verb = "resume" if resuming else ("retry " if state == "failed" else "start ")
         self.echo(f"{verb} {run.label()}")
         with (run.path / RUN_LOG).open("ab") as log:
             log.write(f"$ {command_text(command)}\n".encode())
-        self.executor.start(run, command, run.path / RUN_LOG)
-        return True
+        return command
 
     def reap(self, ended: Ended) -> str:
         """Record how a run ended; returns its state."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from normzoo.errors import NormzooError
+from normzoo.lock import RunLock
 from normzoo.sweep import Ended, PlannedRun, cuda_device_count
 
 MISSING_RAY = "--executor ray needs Ray: pip install 'normzoo[ray]'"
@@ -166,7 +167,9 @@ class RayExecutor:
     def running(self) -> int:
         return len(self.tasks)
 
-    def start(self, run: PlannedRun, command: list[str], log: Path) -> None:
+    def start(self, run: PlannedRun, command: list[str], log: Path, lock: RunLock | None = None) -> None:
+        if lock is not None:  # the run may start on another node: it takes the folder's lock itself there
+            lock.release()
         # The driver's settings go along for nodes that do not share its environment; a local instance has them.
         env = {k: v for k, v in os.environ.items() if k.startswith("NORMZOO_") or k == "PYTHONPATH"}
         env["OMP_NUM_THREADS"] = str(max(1, math.floor(self.cpus)))

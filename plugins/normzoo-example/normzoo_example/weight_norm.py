@@ -20,8 +20,9 @@ class WeightNormProbe(Probe):
     summary = "ℓ2 norm of every conv/linear weight and their total"
     reference = "van Laarhoven 2017, arXiv:1706.05350"
 
-    def __init__(self, *, every: int = 0, at: str = "", init: bool = True, log: int = 0) -> None:
-        super().__init__(every=every, at=at, init=init, log=log)
+    def __init__(self, **schedule: object) -> None:
+        # No parameters of its own: the schedule (every, at, init, log, with their ranges) comes from Probe.
+        super().__init__(**schedule)
 
     def measure(self, ctx: ProbeContext) -> Values:
         layers, norms = [], []
