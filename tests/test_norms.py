@@ -75,7 +75,7 @@ def test_spec_parsing_and_canonical_forms():
     assert create_norm("noisy-bn:where=before,eval=none", 3).where == "before"
     with pytest.raises(SpecError, match="after, before"):
         parse_norm("noisy-bn:where=middle")
-    with pytest.raises(SpecError, match="p must be >= 1"):
+    with pytest.raises(SpecError, match="'p' must be in 1..8 or inf"):
         create_norm("lp:0.5", 3)
 
 
