@@ -1,4 +1,4 @@
-"""Model checkpoints: safetensors weights plus the metadata needed to rebuild the model (DESIGN §10).
+"""Model checkpoints: safetensors weights plus the metadata needed to rebuild the model (docs/design.md, "Run folders and checkpoints").
 
 The safetensors metadata holds one key, ``"normzoo"``, whose value is a JSON object: the format and normzoo
 versions, the canonical backbone and norm specs, ``num_classes``, ``in_chans``, the dataset, its classes and

@@ -9,7 +9,7 @@ plugin installed, or registered in the test session)::
 
 Each check is a plain function of a spec string that raises ``AssertionError`` with a message on failure, so it
 also works outside pytest (``check_norm("my-norm")`` runs them all). normzoo's own zoo runs the same checks
-(``tests/test_norms.py``). The contract (DESIGN §6):
+(``tests/test_norms.py``). The contract (docs/design.md, "The norm contract"):
 
 - constructor ``Norm(num_features, *, eps, affine, device=None, dtype=None, **params)``, declared ``traits``,
   its own ``reset_parameters()``;
