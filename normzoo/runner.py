@@ -198,17 +198,17 @@ class Trainer:
         self.resuming = run_dir is not None
         self.lock: RunLock | None = None
         self.created = False
+        name = config.run_name or RunDir.new_name(config.backbone.split(",")[0],
+                                                  registry("norms").parse(config.norm).short(), config.seed)
         if run_dir is not None:
             self.run = RunDir(run_dir)
             if self.replicas.is_main:
                 self.lock = self.run.claim()
         elif self.replicas.is_main:
-            name = config.run_name or RunDir.new_name(config.backbone.split(",")[0],
-                                                      registry("norms").parse(config.norm).short(), config.seed)
             self.run, self.lock, self.created = claim_new_run(config.out, name, unique=config.run_name is None,
                                                               overwrite=overwrite)
-        else:  # replicas other than rank 0 never write; rank 0's folder name is the one that counts
-            self.run = RunDir(Path(config.out) / (config.run_name or "replica"))
+        else:  # replicas other than rank 0 never write; rank 0 may have added a suffix to this name
+            self.run = RunDir(Path(config.out) / name)
         self.log = self.run.log if self.replicas.is_main else (lambda record: None)
         self.state = LoopState()
         self.progressed = False  # whether this session trained a step (a failure before that undoes the folder)
