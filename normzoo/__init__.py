@@ -20,7 +20,7 @@ _LAZY = {
     "create_norm": "normzoo.norms.base",
     "parse_norm": "normzoo.norms.base",
     "build_model": "normzoo.models",
-    "inject": "normzoo.inject",
+    "inject": "normzoo.placement",
     "get_plugins": "normzoo.plugins",
     "registry": "normzoo.plugins",
     "load_checkpoint": "normzoo.checkpoint",

@@ -151,7 +151,7 @@ def build(backbone: str, norm: str, num_classes: int, in_chans: int, input_size:
     """
     import torch
 
-    from normzoo.inject import find_norms
+    from normzoo.placement import find_norms
     from normzoo.models import build_model
 
     model = build_model(backbone, norm, num_classes=num_classes, in_chans=in_chans)

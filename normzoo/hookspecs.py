@@ -55,7 +55,7 @@ def register_backbones(register: Register) -> None:
     ``factory`` is called as ``factory(*, norm_layer, num_classes, in_chans, **spec_params)`` where
     ``norm_layer(num_features)`` builds the chosen norm (it returns ``nn.Identity`` for ``none``).
     A builder that cannot place norms itself may ignore ``norm_layer``; normzoo then injects the norm
-    by module swap (see ``normzoo.inject``).
+    by module swap (see ``normzoo.placement``).
     """
 
 

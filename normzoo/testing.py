@@ -202,7 +202,7 @@ def check_gradcheck(spec: str) -> None:
 
 
 def _train_step(backbone: str, spec: str, in_chans: int = 3) -> None:
-    from normzoo.inject import find_norms
+    from normzoo.placement import find_norms
     from normzoo.models import build_model
 
     torch.manual_seed(0)

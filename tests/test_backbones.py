@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from normzoo.errors import NormzooError, SpecError
-from normzoo.inject import find_norms
+from normzoo.placement import find_norms
 from normzoo.models import build_model
 from normzoo.plugins import registry
 

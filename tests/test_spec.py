@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 
 from normzoo.errors import SpecError
-from normzoo.registry import Registry
+from normzoo.registries import Registry
 from normzoo.spec import split_spec
 
 

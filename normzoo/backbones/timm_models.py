@@ -9,9 +9,9 @@ Placement, in order:
    count (no ``act_layer``/``apply_act``/extra positional arguments): a model that would build a norm+act layer
    or a GroupNorm-style ``(groups, channels)`` call from it raises, and is created without ``norm_layer``.
 2. Otherwise (or when timm refuses ``norm_layer``), it is created with its default norms.
-3. Then :func:`normzoo.inject.replace_norms` swaps every norm the model still has (for example timm's
-   ``BatchNormAct2d`` layers become ``Sequential(norm, drop, act)``), so no original norm remains.
-   Transformers' token LayerNorms are left alone (:func:`normzoo.inject.inject` warns about them).
+3. :func:`normzoo.build_model` then puts the norm where the model still has another one, as for every backbone
+   (:func:`normzoo.placement.inject`: timm's ``BatchNormAct2d`` layers become ``Sequential(norm, drop, act)``), so
+   no original norm remains. Transformers' token LayerNorms are left alone (``inject`` warns about them).
 
 Weights are always random (``pretrained=False``): swapped norms would not match pretrained statistics anyway.
 """
@@ -43,16 +43,13 @@ class _ChannelNormLayer:
 
     def __init__(self, norm_layer: Any) -> None:
         self.norm_layer = norm_layer
-        self.created: list[nn.Module] = []
 
     def __call__(self, num_features: Any, *args: Any, **kwargs: Any) -> nn.Module:
         extra = set(kwargs) - _PLAIN_NORM_KWARGS
         if args or extra or not isinstance(num_features, int) or isinstance(num_features, bool):
             raise TypeError(f"normzoo's norm_layer only takes a channel count; got args={args!r}, "
                             f"keywords={sorted(extra)}")
-        module = self.norm_layer(num_features, device=kwargs.get("device"), dtype=kwargs.get("dtype"))
-        self.created.append(module)
-        return module
+        return self.norm_layer(num_features, device=kwargs.get("device"), dtype=kwargs.get("dtype"))
 
     def __repr__(self) -> str:
         return f"_ChannelNormLayer({self.norm_layer!r})"
@@ -76,7 +73,7 @@ def _takes_channel_norm_layer(model: str, in_chans: int) -> bool:
     """Whether ``model``'s default build has only channel norms (so ``norm_layer=`` cannot hit a token norm)."""
     import timm
 
-    from normzoo.inject import _find
+    from normzoo.placement import _find
 
     try:
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), torch.device("meta"):
@@ -89,28 +86,23 @@ def _takes_channel_norm_layer(model: str, in_chans: int) -> bool:
 
 def build_timm(*, model: str = "resnet18", norm_layer: Any, num_classes: int = 10, in_chans: int = 3,
                device: Any = None, dtype: Any = None) -> nn.Module:
-    """``timm.create_model(model, pretrained=False, ...)`` with every channel norm replaced by ``norm_layer``."""
+    """``timm.create_model(model, pretrained=False, ...)``, given ``norm_layer`` where timm can use it throughout
+    (the norms it could not place are swapped by ``build_model``, as for any backbone)."""
     import timm
-
-    from normzoo.inject import replace_norms
 
     _check_model_name(model)
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans}
-    keep: list[nn.Module] = []
     with torch.device(device) if device is not None else nullcontext():
         net = None
         if _takes_channel_norm_layer(model, in_chans):
-            wrapped = _ChannelNormLayer(norm_layer)
             cpu_rng = torch.get_rng_state()
             try:
-                net = timm.create_model(model, norm_layer=wrapped, **kwargs)
-                keep = wrapped.created
+                net = timm.create_model(model, norm_layer=_ChannelNormLayer(norm_layer), **kwargs)
             except Exception:  # noqa: BLE001 - timm has no single error type for "norm_layer not supported"
                 torch.set_rng_state(cpu_rng)  # the fallback build starts from the same random state
                 net = None
         if net is None:
             net = timm.create_model(model, **kwargs)
-        net = replace_norms(net, norm_layer, keep=keep)
     if dtype is not None:
         net = net.to(dtype=dtype)
     return net

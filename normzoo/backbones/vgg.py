@@ -1,7 +1,7 @@
 """CIFAR-style VGG (Simonyan & Zisserman 2015) as used by Santurkar et al. 2018 for their BatchNorm study.
 
 The layer configurations are torchvision's (``torchvision.models.vgg.cfgs``: 'A' = VGG-11, 'B' = 13, 'D' = 16,
-'E' = 19). Each number is a 3×3 conv (padding 1) followed by the norm and a ReLU; 'M' is a 2×2 max-pool
+'E' = 19), written out here so that building a VGG does not import torchvision (a test checks they are equal). Each number is a 3×3 conv (padding 1) followed by the norm and a ReLU; 'M' is a 2×2 max-pool
 (``ceil_mode=True``, so inputs smaller than 32×32 such as 28×28 MNIST still reach the head; identical to
 torchvision's pooling for sizes divisible by 32). The head is small for 32×32 inputs: adaptive average pool to
 1×1, flatten, one ``Linear(last_channels, num_classes)`` — not the 4096-wide ImageNet classifier.
@@ -20,6 +20,14 @@ from normzoo.spec import Width
 
 DEPTH_TO_CFG = {11: "A", 13: "B", 16: "D", 19: "E"}
 """VGG depth -> torchvision configuration letter."""
+
+CFGS: dict[str, list[int | str]] = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+"""torchvision's ``models.vgg.cfgs``: channel counts of the 3×3 convs, 'M' for a max-pool."""
 
 
 class VGG(nn.Module):
@@ -40,11 +48,9 @@ class VGG(nn.Module):
 
 def vgg_layers(cfg: str, width: float = 1.0) -> list[int | str]:
     """The configuration ``cfg`` with every channel count scaled by ``width`` (at least 1); 'M' = max-pool."""
-    from torchvision.models.vgg import cfgs
-
-    if cfg not in cfgs:
-        raise NormzooError(f"unknown VGG configuration '{cfg}'; valid: {', '.join(sorted(cfgs))}")
-    return [v if v == "M" else scaled(int(v), width) for v in cfgs[cfg]]
+    if cfg not in CFGS:
+        raise NormzooError(f"unknown VGG configuration '{cfg}'; valid: {', '.join(sorted(CFGS))}")
+    return [v if v == "M" else scaled(int(v), width) for v in CFGS[cfg]]
 
 
 def build_vgg(cfg: str, *, norm_layer: Any, num_classes: int = 10, in_chans: int = 3, width: Width = 1.0,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from normzoo.spec import Spec
+
+if TYPE_CHECKING:
+    from normzoo.registries import Resolved
 
 
 @dataclass(frozen=True)
@@ -33,40 +36,53 @@ def traits_of(module_or_factory: Any) -> NormTraits:
     return getattr(module_or_factory, "traits", DEFAULT_TRAITS)
 
 
-def parse_norm(spec: str | Spec) -> Spec:
+def parse_norm(spec: str | Spec | Resolved) -> Spec:
     """Parse and resolve a norm spec such as ``"lp:inf"`` against the registered norms."""
     from normzoo.plugins import registry
 
     return registry("norms").parse(spec)
 
 
-def create_norm(spec: str | Spec, num_features: int, *, device: Any = None, dtype: Any = None) -> nn.Module:
-    """Build one norm module for ``num_features`` channels from a spec (``create_norm("gn:8", 64)``)."""
+def create_norm(spec: str | Spec | Resolved, num_features: int, *, device: Any = None, dtype: Any = None
+                ) -> nn.Module:
+    """Build one norm module for ``num_features`` channels from a spec (``create_norm("gn:8", 64)``).
+
+    The module carries ``normzoo_spec``, its canonical spec. A :class:`normzoo.registries.Resolved` spec is used
+    as it is, so building many layers parses nothing.
+    """
     from normzoo.plugins import registry
 
-    module = registry("norms").build(spec, num_features, device=device, dtype=dtype)
-    module.normzoo_spec = parse_norm(spec).canonical()
+    resolved = registry("norms").resolve(spec)
+    module = resolved.build(num_features, device=device, dtype=dtype)
+    module.normzoo_spec = resolved.canonical
     return module
 
 
 class NormLayer:
     """A ``norm_layer`` callable for model builders (timm's ``norm_layer=`` included).
 
-    ``NormLayer("lp:inf")(64)`` builds an ℓ∞ norm for 64 channels. Extra keyword arguments that timm passes
-    (``eps``, ``momentum``, ...) are ignored in favour of the spec, except ``device`` and ``dtype``.
+    ``NormLayer("lp:inf")(64)`` builds an ℓ∞ norm for 64 channels. The spec is resolved once, here; extra keyword
+    arguments that timm passes (``eps``, ``momentum``, ...) are ignored in favour of the spec, except ``device``
+    and ``dtype``. ``none`` builds ``nn.Identity``.
     """
 
-    def __init__(self, spec: str | Spec) -> None:
-        self.spec = parse_norm(spec)
+    def __init__(self, spec: str | Spec | Resolved) -> None:
+        from normzoo.plugins import registry
+
+        self.resolved = registry("norms").resolve(spec)
+
+    @property
+    def spec(self) -> Spec:
+        return self.resolved.spec
 
     def __call__(self, num_features: int, *args: Any, device: Any = None, dtype: Any = None,
                  **ignored: Any) -> nn.Module:
-        if self.spec.family == "none":
+        if self.resolved.family == "none":
             return nn.Identity()
-        return create_norm(self.spec, num_features, device=device, dtype=dtype)
+        return create_norm(self.resolved, num_features, device=device, dtype=dtype)
 
     def __repr__(self) -> str:
-        return f"NormLayer({self.spec.canonical()!r})"
+        return f"NormLayer({self.resolved.canonical!r})"
 
 
 def as_channels_first_4d(x: torch.Tensor) -> torch.Tensor:

@@ -118,12 +118,37 @@ def default_eps(cls: type[nn.Module]) -> float:
     return 1e-5
 
 
-@hookimpl
-def register_norms(register: Any) -> None:
-    for name, (class_name, traits, affine_switch, summary) in TIMM_NORMS.items():
+_BRIDGED: dict[str, type[nn.Module]] = {}
+
+
+def bridged(class_name: str) -> type[nn.Module] | None:
+    """The zoo class for timm's layer ``class_name`` (made once), or None when this timm lacks the layer.
+
+    Also reachable as the module attribute ``Zoo<class_name>``, so that normzoo can name it by import path and
+    build it in a later process without running this plugin's hook.
+    """
+    if class_name not in _BRIDGED:
         base = getattr(layers, class_name, None)
         if base is None:  # an older or newer timm without this layer
+            return None
+        _, traits, affine_switch, _ = next(v for v in TIMM_NORMS.values() if v[0] == class_name)
+        _BRIDGED[class_name] = bridge(base, eps=default_eps(base), traits=traits, affine_switch=affine_switch)
+    return _BRIDGED[class_name]
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("Zoo") and any(v[0] == name[3:] for v in TIMM_NORMS.values()):
+        found = bridged(name[3:])
+        if found is not None:
+            return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@hookimpl
+def register_norms(register: Any) -> None:
+    for name, (class_name, _traits, _affine_switch, summary) in TIMM_NORMS.items():
+        norm = bridged(class_name)
+        if norm is None:
             continue
         reference = next((ref for key, ref in REFERENCES.items() if key in name), f"timm.layers.{class_name}")
-        register(name, bridge(base, eps=default_eps(base), traits=traits, affine_switch=affine_switch),
-                 summary=f"{summary} (timm {class_name})", reference=reference)
+        register(name, norm, summary=f"{summary} (timm {class_name})", reference=reference)

@@ -1,4 +1,4 @@
-"""normzoo.inject: swapping norms, inserting them into norm-free models, removing them with ``none``."""
+"""normzoo.placement: swapping norms, inserting them into norm-free models, removing them with ``none``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from normzoo.inject import find_norms, find_token_norms, final_classifier, inject, replace_norms
+from normzoo.placement import find_norms, find_token_norms, final_classifier, inject, replace_norms
 from normzoo.plugins import registry
 
 NORMS = registry("norms").names()

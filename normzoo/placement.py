@@ -24,13 +24,16 @@ import itertools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from normzoo.errors import NormzooError
 from normzoo.spec import Spec
+
+if TYPE_CHECKING:
+    from normzoo.registries import Resolved
 
 __all__ = ["find_norms", "find_token_norms", "final_classifier", "inject", "insert_norms", "is_norm",
            "replace_norms"]
@@ -144,10 +147,11 @@ def _model_device_dtype(model: nn.Module) -> tuple[Any, Any]:
     return None, None
 
 
-def _as_norm_layer(norm: str | Spec | NormLayerLike) -> NormLayerLike:
-    if isinstance(norm, (str, Spec)):
-        from normzoo.norms.base import NormLayer
+def _as_norm_layer(norm: str | Spec | Resolved | NormLayerLike) -> NormLayerLike:
+    from normzoo.norms.base import NormLayer
+    from normzoo.registries import Resolved
 
+    if isinstance(norm, (str, Spec, Resolved)):
         return NormLayer(norm)
     if not callable(norm):
         raise TypeError(f"expected a norm spec or a norm_layer callable, got {type(norm).__name__}")
@@ -155,8 +159,8 @@ def _as_norm_layer(norm: str | Spec | NormLayerLike) -> NormLayerLike:
 
 
 def _target_spec(norm_layer: NormLayerLike) -> str | None:
-    spec = getattr(norm_layer, "spec", None)
-    return spec.canonical() if isinstance(spec, Spec) else None
+    resolved = getattr(norm_layer, "resolved", None)
+    return getattr(resolved, "canonical", None)
 
 
 def _make(norm_layer: NormLayerLike, num_features: int, device: Any, dtype: Any) -> nn.Module:
@@ -180,7 +184,7 @@ def _replacement(old: nn.Module, norm_layer: NormLayerLike, default: tuple[Any, 
     return new.train(old.training)
 
 
-def replace_norms(model: nn.Module, norm_layer: str | Spec | NormLayerLike, *,
+def replace_norms(model: nn.Module, norm_layer: str | Spec | Resolved | NormLayerLike, *,
                   keep: Collection[nn.Module] = ()) -> nn.Module:
     """Swap every norm module of ``model`` for ``norm_layer(num_features)``; returns the (changed) model.
 
@@ -234,7 +238,7 @@ def final_classifier(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def insert_norms(model: nn.Module, norm_layer: str | Spec | NormLayerLike, *,
+def insert_norms(model: nn.Module, norm_layer: str | Spec | Resolved | NormLayerLike, *,
                  classifier: nn.Module | None = None) -> nn.Module:
     """Insert ``norm_layer(out_features)`` after every ``nn.Conv2d`` and ``nn.Linear`` except the classifier.
 
@@ -243,8 +247,8 @@ def insert_norms(model: nn.Module, norm_layer: str | Spec | NormLayerLike, *,
     as are the projections inside ``nn.MultiheadAttention``. ``none`` inserts nothing.
     """
     norm_layer = _as_norm_layer(norm_layer)
-    spec = getattr(norm_layer, "spec", None)
-    if isinstance(spec, Spec) and spec.family == "none":
+    resolved = getattr(norm_layer, "resolved", None)
+    if resolved is not None and resolved.family == "none":
         return model
     head = classifier if classifier is not None else final_classifier(model)
     skip = {id(m) for m in head.modules()} if head is not None else set()
@@ -270,7 +274,7 @@ def insert_norms(model: nn.Module, norm_layer: str | Spec | NormLayerLike, *,
     return visit(model, None)
 
 
-def inject(model: nn.Module, spec: str | Spec | NormLayerLike, *,
+def inject(model: nn.Module, spec: str | Spec | Resolved | NormLayerLike, *,
            classifier: nn.Module | None = None) -> nn.Module:
     """Give ``model`` the norm ``spec`` (e.g. ``"bn"``, ``"lp:inf"``, ``"none"``); returns the model.
 
