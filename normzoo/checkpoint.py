@@ -1,4 +1,6 @@
-"""Model checkpoints: safetensors weights plus the metadata needed to rebuild the model (docs/design.md, "Run folders and checkpoints").
+"""Model checkpoints: safetensors weights plus the metadata needed to rebuild the model.
+
+The layout and its reasons are in docs/design.md, "Run folders and checkpoints".
 
 The safetensors metadata holds one key, ``"normzoo"``, whose value is a JSON object: the format and normzoo
 versions, the canonical backbone and norm specs, ``num_classes``, ``in_chans``, the dataset, its classes and
@@ -235,6 +237,13 @@ def read_checkpoint_info(path: str | os.PathLike[str], *, tensors: bool = False)
             count += n
         meta["num_parameters"] = count
     return meta
+
+
+def check_plugins(path: str | os.PathLike[str]) -> None:
+    """A one-line error naming the plugin to install when the checkpoint's norm or backbone is not registered
+    (reads only the header; ``normzoo run --resume`` asks before anything else)."""
+    path = Path(path)
+    _check_plugins(_parse_metadata(read_safetensors_header(path, what="checkpoint"), path), path)
 
 
 def _check_plugins(meta: Mapping[str, Any], path: Path) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from normzoo.errors import NormzooError, did_you_mean
 
+# Fields a config written by an older normzoo lacks, with the value that run had in effect.
+LEGACY_DEFAULTS = {"decay_skip": "none"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch's generators take it too
 
@@ -32,6 +34,9 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     optimizer: Literal["sgd", "adam"] = "sgd"
+    # Parameters weight decay skips: those a norm marks (``no_weight_decay()``); timm's convention (every norm
+    # parameter and bias); or none (how every run before this option trained, and how those runs resume).
+    decay_skip: Literal["marked", "norm-bias", "none"] = "marked"
     schedule: Literal["constant", "cosine", "step"] = "cosine"
     augment: bool = False  # random crop (padding 4) + horizontal flip, on the device; off as in the paper
     seed: int = 0
@@ -73,8 +78,12 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
+        """A run folder's ``config.json``; fields added since it was written take the value that reproduces it."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+            data = json.loads(Path(path).read_text())
+            if isinstance(data, dict):
+                data = {**LEGACY_DEFAULTS, **data}
+            return cls.from_dict(data, source=str(path))
         except FileNotFoundError:
             raise NormzooError(f"no config.json at {path}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -105,7 +114,7 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise NormzooError(message)
-        for key in ("optimizer", "schedule", "amp"):
+        for key in ("optimizer", "schedule", "amp", "decay_skip"):
             choices = typing.get_args(typing.get_type_hints(RunConfig)[key])
             if getattr(self, key) not in choices:
                 raise NormzooError(f"--{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")

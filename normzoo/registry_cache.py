@@ -93,7 +93,8 @@ def fingerprint(entry_points: Iterable[Any], version: str) -> str:
     parts += _source_stats(_package_root("normzoo"))
     for ep in entry_points:
         dist = getattr(ep, "dist", None)
-        parts.append(f"{ep.name}\0{ep.value}\0{dist.metadata['Name'] if dist else '?'}\0{dist.version if dist else '?'}")
+        name, version = (dist.metadata["Name"], dist.version) if dist is not None else ("?", "?")
+        parts.append(f"{ep.name}\0{ep.value}\0{name}\0{version}")
         parts += _source_stats(_package_root(ep.value.split(":")[0]))
     for part in parts:
         digest.update(part.encode("utf-8", "surrogateescape") + b"\n")

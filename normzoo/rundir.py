@@ -13,10 +13,12 @@ What a run folder promises (the README's "Guarantees" section says it for users)
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,37 @@ from normzoo.errors import NormzooError
 from normzoo.io import atomic_write_json, atomic_write_text
 from normzoo.lock import RunLock
 
-SUMMARY_FIELDS = [
-    "run", "backbone", "norm", "dataset", "seed", "lr", "batch_size", "status", "step", "total_steps",
-    "diverged_step", "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "best_step",
-    "train_time_s", "probe_time_s", "images_per_s", "world_size",
-]
+@dataclass
+class RunSummary:
+    """The one row of ``summary.csv``: how a run ended, its final and best numbers, its time."""
+
+    run: str
+    backbone: str
+    norm: str
+    dataset: str
+    seed: int
+    lr: float
+    batch_size: int
+    status: str  # finished | diverged | interrupted | failed
+    step: int
+    total_steps: int
+    diverged_step: int | None = None
+    train_loss: float | None = None
+    train_acc: float | None = None
+    test_loss: float | None = None
+    test_acc: float | None = None
+    best_test_acc: float | None = None
+    best_step: int | None = None
+    train_time_s: float = 0.0
+    probe_time_s: float = 0.0
+    images_per_s: float | None = None
+    world_size: int = 1
+
+
+SUMMARY_FIELDS = [f.name for f in dataclasses.fields(RunSummary)]
+# What ``normzoo run`` prints of it, in this order.
+SHOWN_FIELDS = ["run", "backbone", "norm", "dataset", "status", "step", "train_loss", "train_acc", "test_loss",
+                "test_acc", "best_test_acc", "train_time_s", "probe_time_s", "images_per_s"]
 
 
 # Files a run writes (the sweep's run.log and sweep-run.json, and the lock, are not the run's own).
@@ -113,8 +141,8 @@ class RunDir:
             return []
         return [r for r in map(_parse, self.metrics.read_text().splitlines()) if r is not None]
 
-    def write_summary(self, row: dict[str, Any]) -> None:
-        write_csv(self.summary, SUMMARY_FIELDS, [row])
+    def write_summary(self, summary: RunSummary) -> None:
+        write_csv(self.summary, SUMMARY_FIELDS, [dataclasses.asdict(summary)])
 
     def read_summary(self) -> dict[str, str]:
         """The summary row as strings, or ``{}`` while the run has none."""

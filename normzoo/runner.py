@@ -30,7 +30,7 @@ from normzoo.errors import (NormzooError, PluginError, RunFailed, describe_error
 from normzoo.evaluate import evaluate
 from normzoo.lock import RunLock
 from normzoo.probe import Probe, ProbeContext
-from normzoo.rundir import RunDir, claim_new_run
+from normzoo.rundir import RunDir, RunSummary, claim_new_run
 
 
 STOP_CHECK_EVERY = 10  # steps between the replicas' agreements on a stop request (Ctrl-C, SIGTERM)
@@ -126,10 +126,34 @@ def lr_at(config: RunConfig, step: int, total: int) -> float:
 
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer, with the parameters that skip weight decay (``--decay-skip``) in a group of their own."""
+    skip = no_decay_parameters(model, config.decay_skip)
+    decay = [p for p in model.parameters() if id(p) not in skip]
+    # One group when nothing is skipped: the optimizer state then has exactly the layout of earlier runs.
+    params: Any = model.parameters() if not skip else [
+        {"params": decay}, {"params": [p for p in model.parameters() if id(p) in skip], "weight_decay": 0.0}]
     if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def no_decay_parameters(model: nn.Module, rule: str) -> set[int]:
+    """``id``s of the parameters weight decay skips under ``rule``.
+
+    ``marked``: those a module names in its ``no_weight_decay()`` (its own parameter names, timm's convention for
+    models, here for any module: a norm marks its own). ``norm-bias``: timm's convention for the rest as well, every
+    parameter of one dimension or fewer (norm scales and shifts) and every bias. ``none``: decay everything.
+    """
+    if rule == "none":
+        return set()
+    skip: set[int] = set()
+    for module in model.modules():
+        marked = getattr(module, "no_weight_decay", None)
+        names = set(marked()) if callable(marked) else set()
+        for name, param in module.named_parameters(recurse=False):
+            if name in names or (rule == "norm-bias" and (param.ndim <= 1 or name == "bias")):
+                skip.add(id(param))
+    return skip
 
 
 def autocast_for(config: RunConfig, device: torch.device) -> tuple[Any, torch.dtype | None]:
@@ -455,7 +479,7 @@ class Trainer:
             if self.replicas.is_main:  # it saved its last checkpoint but was stopped before its summary
                 self.run.truncate_log(self.state.step)
                 self.finish(status)
-        summary = {**self.summary(status), "already": True}
+        summary = {**dataclasses.asdict(self.summary(status)), "already": True}
         if status == "diverged":
             summary["diverged_step"] = self.run.read_summary().get("diverged_step")
         return RunResult(self.run.path, status, summary, main=self.replicas.is_main)
@@ -543,27 +567,24 @@ class Trainer:
         if state.best_step == step:
             self.save_best()
 
-    def summary(self, status: str) -> dict[str, Any]:
+    def summary(self, status: str) -> RunSummary:
         state, cfg = self.state, self.config
-        return {
-            "run": str(self.run.path), "backbone": cfg.backbone, "norm": cfg.norm, "dataset": cfg.dataset,
-            "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size, "status": status, "step": state.step,
-            "total_steps": self.total, "diverged_step": state.diverged_step,
-            "train_loss": state.train_loss, "train_acc": state.train_acc,
-            "test_loss": state.test.get("loss"), "test_acc": state.test.get("acc"),
-            "best_test_acc": state.best_test_acc if self.classification else None,
-            "best_step": state.best_step, "train_time_s": state.train_time_s,
-            "probe_time_s": state.probe_time_s, "images_per_s": state.images_per_s,
-            "world_size": self.replicas.world_size,
-        }
+        return RunSummary(
+            run=str(self.run.path), backbone=cfg.backbone, norm=cfg.norm, dataset=cfg.dataset, seed=cfg.seed,
+            lr=cfg.lr, batch_size=cfg.batch_size, status=status, step=state.step, total_steps=self.total,
+            diverged_step=state.diverged_step, train_loss=state.train_loss, train_acc=state.train_acc,
+            test_loss=state.test.get("loss"), test_acc=state.test.get("acc"),
+            best_test_acc=state.best_test_acc if self.classification else None, best_step=state.best_step,
+            train_time_s=state.train_time_s, probe_time_s=state.probe_time_s, images_per_s=state.images_per_s,
+            world_size=self.replicas.world_size)
 
     def finish(self, status: str) -> RunResult:
         summary = self.summary(status)
         if not self.replicas.is_main:
-            return RunResult(self.run.path, status, summary, main=False)
+            return RunResult(self.run.path, status, dataclasses.asdict(summary), main=False)
         self.log({"type": "status", "step": self.state.step, "status": status})
         self.run.write_summary(summary)
-        return RunResult(self.run.path, status, summary)
+        return RunResult(self.run.path, status, dataclasses.asdict(summary))
 
 
 def check_probe_values(name: str, origin: str, values: Any) -> None:
@@ -638,6 +659,10 @@ def resume(run_dir: str | Path, *, quiet: bool = False, **overrides: Any) -> Run
     run = RunDir(run_dir)
     if not run.config.exists():
         raise NormzooError(f"{run_dir} is not a run folder (no config.json)")
+    if run.last.exists():  # a norm or backbone whose plugin is gone: name the plugin, as eval does
+        from normzoo.checkpoint import check_plugins
+
+        check_plugins(run.last)
     config = RunConfig.load(run.config)
     if overrides.get("steps") is not None or overrides.get("epochs") is not None:
         config.steps, config.epochs = overrides.get("steps"), overrides.get("epochs")  # one replaces the other

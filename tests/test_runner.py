@@ -16,6 +16,7 @@ from normzoo import hookimpl
 from normzoo.cli import cli
 from normzoo.config import RunConfig, apply_preset
 from normzoo.errors import NormzooError
+from normzoo.norms import BatchNorm
 from normzoo.probe import Probe
 from normzoo.runner import batch_indices, lr_at, resume, train
 
@@ -148,3 +149,63 @@ def test_cuda_run_uses_bf16_channels_last_and_compiles(tmp_path, compile_mode):
     assert result.status == "finished" and 0 < result.summary["train_loss"] < 10
     for name in ("last.safetensors", "best.safetensors"):
         assert all(t.device.type == "cpu" for t in load_file(tmp_path / "r" / name).values())
+
+
+class MarkedNorm(BatchNorm):
+    """A plugin norm that keeps its shift out of weight decay."""
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, affine: bool = True, device=None, dtype=None):
+        super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"bias"}
+
+
+class MarkedPlugin:
+    @hookimpl
+    def register_norms(self, register):
+        register("marked-bn", MarkedNorm, summary="keeps its bias out of weight decay")
+
+
+def test_weight_decay_skips_what_a_norm_marks_or_timms_convention(fresh_plugins, tmp_path):
+    from normzoo.runner import Trainer, no_decay_parameters
+
+    fresh_plugins.register(MarkedPlugin(), name="nz-marked")
+    trainer = Trainer(RunConfig(**TINY, norm="marked-bn", steps=1, out=str(tmp_path), run_name="m"), quiet=True)
+    model, groups = trainer.model, trainer.optimizer.param_groups
+    biases = {id(m.bias) for m in model.modules() if isinstance(m, MarkedNorm)}
+    assert len(groups) == 2 and {id(p) for p in groups[1]["params"]} == biases and groups[1]["weight_decay"] == 0
+    trainer.abandon()
+    timm_rule = no_decay_parameters(model, "norm-bias")
+    assert timm_rule == {id(p) for p in model.parameters() if p.ndim <= 1}  # norm scales, shifts, biases
+    assert not no_decay_parameters(model, "none")
+    plain = Trainer(RunConfig(**TINY, norm="bn", steps=1, out=str(tmp_path), run_name="p"), quiet=True)
+    assert len(plain.optimizer.param_groups) == 1  # nothing marked: the layout of every earlier run
+    plain.abandon()
+
+
+def test_a_run_from_before_decay_skip_resumes_as_it_was(fresh_plugins, tmp_path):
+    # Before --decay-skip every parameter decayed, whatever a norm marked. Such a run's config has no decay_skip:
+    # it must resume under "none" (one group, everything decayed), not under today's default, "marked".
+    fresh_plugins.register(MarkedPlugin(), name="nz-marked")
+    common = dict(TINY, norm="marked-bn", eval_every=2, weight_decay=0.05, decay_skip="none", schedule="constant",
+                  out=str(tmp_path))
+    straight = train(RunConfig(**common, steps=6, run_name="straight"), quiet=True)
+    train(RunConfig(**common, steps=4, run_name="old"), quiet=True)
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["decay_skip"]  # as an older normzoo wrote it
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert RunConfig.load(tmp_path / "old" / "config.json").decay_skip == "none"
+    resumed = resume(tmp_path / "old", quiet=True, steps=6)
+    a, b = load_file(straight.run_dir / "last.safetensors"), load_file(resumed.run_dir / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("training_state.extra."))
+    assert RunConfig(norm="bn").decay_skip == "marked"  # new runs honour what a norm marks
+
+
+def test_resume_names_the_plugin_a_run_needs(fresh_plugins, tmp_path):
+    fresh_plugins.register(MarkedPlugin(), name="nz-marked", version="1.2")
+    train(RunConfig(**TINY, norm="marked-bn", steps=2, out=str(tmp_path), run_name="r"), quiet=True)
+    fresh_plugins.unregister("nz-marked")
+    with pytest.raises(NormzooError, match="norm 'marked-bn' comes from plugin 'nz-marked' \\(version 1.2\\), "
+                                           "which is not installed"):
+        resume(tmp_path / "r", quiet=True, steps=4)

@@ -1,7 +1,8 @@
 """CIFAR-style VGG (Simonyan & Zisserman 2015) as used by Santurkar et al. 2018 for their BatchNorm study.
 
 The layer configurations are torchvision's (``torchvision.models.vgg.cfgs``: 'A' = VGG-11, 'B' = 13, 'D' = 16,
-'E' = 19), written out here so that building a VGG does not import torchvision (a test checks they are equal). Each number is a 3×3 conv (padding 1) followed by the norm and a ReLU; 'M' is a 2×2 max-pool
+'E' = 19), written out here so that building a VGG does not import torchvision (a test checks they are
+equal). Each number is a 3×3 conv (padding 1) followed by the norm and a ReLU; 'M' is a 2×2 max-pool
 (``ceil_mode=True``, so inputs smaller than 32×32 such as 28×28 MNIST still reach the head; identical to
 torchvision's pooling for sizes divisible by 32). The head is small for 32×32 inputs: adaptive average pool to
 1×1, flatten, one ``Linear(last_channels, num_classes)`` — not the 4096-wide ImageNet classifier.

@@ -19,7 +19,8 @@ Choices the paper leaves open, exposed as parameters with these defaults:
 * ``r_sigma`` is the standard deviation of s (not its variance, not a half-width).
 * ``eval=mean``: at eval there is no randomness; the activations are scaled by E[s] = (1 + sigma)/2 and shifted
   by E[m] = 0, so the network sees activations of the size it was trained on. ``eval=none`` adds no noise at
-  eval (plain BN output), which makes the test accuracy of a noise-trained network collapse (docs/design.md, "Noisy BatchNorm").
+  eval (plain BN output), which makes the test accuracy of a noise-trained network collapse (docs/design.md,
+  "Noisy BatchNorm").
 * ``bn=false``: the same noise on a network without BN: no normalization, no γ/β and no running statistics
   (``eps``, ``affine``, ``momentum`` and ``where`` are then ignored); the layer is not batch-dependent.
 

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from normzoo.cli import cli
-from normzoo.cli_run import RUN_OPTIONS, RunOption
+from normzoo.cli.app import cli
+from normzoo.cli.training import RUN_OPTIONS, RunOption
 from normzoo.errors import NormzooError
 
 if TYPE_CHECKING:

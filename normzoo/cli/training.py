@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from normzoo.cli import cli, format_table
+from normzoo.cli.app import cli, format_table
 from normzoo.errors import NormzooError
 
 RUN_EPILOG = """\b
@@ -58,6 +58,9 @@ RUN_OPTIONS = [
     RunOption("--momentum", click.FloatRange(0, 1), f"SGD momentum.  [default: {D.momentum}]"),
     RunOption("--weight-decay", click.FloatRange(0), f"[default: {D.weight_decay}]"),
     RunOption("--optimizer", click.Choice(["sgd", "adam"]), f"[default: {D.optimizer}]"),
+    RunOption("--decay-skip", click.Choice(["marked", "norm-bias", "none"]),
+              "Parameters weight decay skips: those a norm marks (no_weight_decay()), timm's convention (every "
+              f"norm parameter and bias), or none.  [default: {D.decay_skip}]"),
     RunOption("--schedule", click.Choice(["constant", "cosine", "step"]),
               f"Learning-rate schedule (step: ×0.1 at 50% and 75%).  [default: {D.schedule}]"),
     RunOption("--augment", "bool", "Random crop + flip on the device (off by default, as in the paper)."),
@@ -138,10 +141,9 @@ def print_result(result: Any, quiet: bool) -> None:
     if quiet:
         click.echo(result.run_dir)
     else:
-        rows = [{"key": k, "value": _fmt(s.get(k))} for k in
-                ("run", "backbone", "norm", "dataset", "status", "step", "train_loss", "train_acc", "test_loss",
-                 "test_acc", "best_test_acc", "train_time_s", "probe_time_s", "images_per_s")
-                if s.get(k) is not None]
+        from normzoo.rundir import SHOWN_FIELDS
+
+        rows = [{"key": k, "value": _fmt(s.get(k))} for k in SHOWN_FIELDS if s.get(k) is not None]
         click.echo(format_table(rows, ["key", "value"]))
     if result.status == "diverged" and not s.get("already"):
         click.echo(f"Diverged at step {s['diverged_step']} (loss not finite or above the divergence factor).",
