@@ -19,7 +19,7 @@ from normzoo.errors import NormzooError
 from normzoo.rundir import RunDir
 
 # Config fields that never make two runs different experiments.
-INCIDENTAL_FIELDS = {"seed", "out", "run_name", "data_dir", "device", "log_every", "eval_every", "probes"}
+INCIDENTAL_FIELDS = {"seed", "out", "run_name", "data_dir", "device", "log_every", "eval_every", "probes", "loggers"}
 
 
 @dataclass

@@ -48,6 +48,7 @@ class RunConfig:
     eval_every: int | None = None  # steps between test evaluations; None: once per epoch and at the end
     divergence_factor: float = 1e3  # loss above this multiple of the first step's loss counts as diverged
     probes: list[str] = field(default_factory=list)
+    loggers: list[str] = field(default_factory=list)  # experiment trackers (--log), besides metrics.jsonl
     out: str = "runs"
     run_name: str | None = None
     preset: str | None = None

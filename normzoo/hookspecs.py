@@ -78,10 +78,23 @@ def register_probes(register: Register) -> None:
     """
 
 
+@hookspec
+def register_loggers(register: Register) -> None:
+    """Register experiment trackers: where a run's records go besides ``metrics.jsonl`` (``--log SPEC``).
+
+    ``factory`` is called with its spec parameters and returns a ``normzoo.loggers.Logger``: ``open(run_dir,
+    config, step)`` once the run folder exists (``step`` > 0 when a run resumes), ``log(record)`` for every record
+    the runner writes to ``metrics.jsonl`` (after writing it), ``close()`` at the end. The factory should check
+    that what it needs is installed and raise ``normzoo.NormzooError`` saying what to install otherwise. A logger
+    that raises later is reported once and dropped; the run goes on and ``metrics.jsonl`` stays complete.
+    """
+
+
 KINDS: dict[str, str] = {
     "norms": "register_norms",
     "backbones": "register_backbones",
     "datasets": "register_datasets",
     "probes": "register_probes",
+    "loggers": "register_loggers",
 }
 """Registry kind -> hook that fills it."""

@@ -33,6 +33,7 @@ DEFAULT_PLUGINS = (
     "normzoo.default_plugins.norms",
     "normzoo.default_plugins.backbones",
     "normzoo.default_plugins.datasets",
+    "normzoo.default_plugins.loggers",
 )
 
 
@@ -207,7 +208,7 @@ class Plugins:
 
     # -- registries ------------------------------------------------------------------------------------------
     def registry(self, kind: str) -> Registry:
-        """The registry of ``kind`` ("norms", "backbones", "datasets", "probes"), built on first use."""
+        """The registry of ``kind`` ("norms", "backbones", "datasets", "probes", "loggers"), built on first use."""
         if kind not in hookspecs.KINDS:
             raise KeyError(kind)
         if kind not in self._registries:

@@ -29,12 +29,13 @@ from normzoo.errors import (NormzooError, PluginError, RunFailed, describe_error
                             is_out_of_memory)
 from normzoo.evaluate import evaluate
 from normzoo.lock import RunLock
+from normzoo.loggers import Loggers
 from normzoo.probe import Probe, ProbeContext
 from normzoo.rundir import RunDir, RunSummary, claim_new_run
 
 
 STOP_CHECK_EVERY = 10  # steps between the replicas' agreements on a stop request (Ctrl-C, SIGTERM)
-RESUME_OVERRIDES = ("steps", "epochs", "device")  # all a resume may change: the rest is the run's experiment
+RESUME_OVERRIDES = ("steps", "epochs", "device", "loggers")  # all a resume may change: the rest is the run's experiment
 PROBE_RECORD_KEYS = frozenset({"type", "probe", "step", "batch_size", "mode", "seconds", "replicas"})
 
 
@@ -210,7 +211,7 @@ class Trainer:
         config = dataclasses.replace(config, probes=list(config.probes))
         config.validate()
         for kind, spec in [("norms", config.norm), ("backbones", config.backbone), ("datasets", config.dataset),
-                           *[("probes", p) for p in config.probes]]:
+                           *[("probes", p) for p in config.probes], *[("loggers", g) for g in config.loggers]]:
             registry(kind).parse(spec)  # every spec error before anything is written or loaded
         config.backbone = registry("backbones").parse(config.backbone).canonical()
         config.norm = registry("norms").parse(config.norm).canonical()
@@ -219,6 +220,7 @@ class Trainer:
         self.replicas, self.device = Replicas.join(resolve_device(config.device))
         self.replicas.check_batch_size(config.batch_size)
         self.quiet = quiet or not self.replicas.is_main
+        self.loggers = Loggers(config.loggers if self.replicas.is_main else [])  # a missing tracker: before writing
         self.resuming = run_dir is not None
         self.lock: RunLock | None = None
         self.created = False
@@ -233,7 +235,6 @@ class Trainer:
                                                               overwrite=overwrite)
         else:  # replicas other than rank 0 never write; rank 0 may have added a suffix to this name
             self.run = RunDir(Path(config.out) / name)
-        self.log = self.run.log if self.replicas.is_main else (lambda record: None)
         self.state = LoopState()
         self.progressed = False  # whether this session trained a step (a failure before that undoes the folder)
         try:
@@ -285,6 +286,12 @@ class Trainer:
         self.loss_fn = F.cross_entropy if self.classification else F.mse_loss
         self.total = config.total_steps(len(self.train_y))
         self.eval_every = config.eval_every or len(self.train_y) // config.batch_size
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One record to ``metrics.jsonl`` (rank 0 writes, as for every file of the run), then to the trackers."""
+        if self.replicas.is_main:
+            self.run.log(record)
+            self.loggers.log(record)
 
     # -- the run folder ----------------------------------------------------------------------------------------
     def abandon(self) -> None:
@@ -390,6 +397,7 @@ class Trainer:
                 raise failure from exc
             raise
         finally:
+            self.loggers.close()
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
@@ -407,6 +415,7 @@ class Trainer:
                 self.reconcile_best()
         elif self.replicas.is_main:
             self.run.create(self.config.to_dict())
+        self.loggers.open(self.run.path, self.config.to_dict(), self.state.step)
         if self.replicas.active:
             self.log({"type": "replicas", "step": self.state.step, "world_size": self.replicas.world_size,
                       "backend": dist.get_backend()})
@@ -654,7 +663,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False, **overrides: Any) -> Run
     """
     changed = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDES and v is not None)
     if changed:
-        raise NormzooError("--resume continues the saved config; only --steps/--epochs/--device may change (got "
+        raise NormzooError("--resume continues the saved config; only --steps/--epochs/--device/--log may change (got "
                            + ", ".join("--" + k.replace("_", "-") for k in changed) + ")")
     run = RunDir(run_dir)
     if not run.config.exists():
@@ -666,6 +675,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False, **overrides: Any) -> Run
     config = RunConfig.load(run.config)
     if overrides.get("steps") is not None or overrides.get("epochs") is not None:
         config.steps, config.epochs = overrides.get("steps"), overrides.get("epochs")  # one replaces the other
-    if overrides.get("device") is not None:
-        config.device = overrides["device"]
+    for key in ("device", "loggers"):  # where it runs and who watches it are not part of the experiment
+        if overrides.get(key) is not None:
+            setattr(config, key, overrides[key])
     return Trainer(config, run_dir=run.path, quiet=quiet).fit()

@@ -33,7 +33,7 @@ SWEEP_CSV = "sweep.csv"
 RUN_RECORD = "sweep-run.json"  # in each run folder: the options, the command, and a failure if there was one
 RUN_LOG = "run.log"  # in each run folder: the run's stdout and stderr
 # Options that may change between invocations of the same sweep without making its runs different runs.
-FREE_OPTIONS = {"device", "data_dir"}
+FREE_OPTIONS = {"device", "data_dir", "loggers"}
 
 
 def split_specs(text: str) -> list[str]:
@@ -76,9 +76,9 @@ def option_args(options: dict[str, Any]) -> list[str]:
     args: list[str] = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
-        if key == "probes":
-            for probe in value:
-                args += ["--probe", probe]
+        if key in ("probes", "loggers"):
+            for spec in value:
+                args += ["--probe" if key == "probes" else "--log", spec]
         elif isinstance(value, bool):
             args.append(flag if value else f"--no-{key.replace('_', '-')}")
         elif value is not None:

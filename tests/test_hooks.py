@@ -79,6 +79,42 @@ def test_hook_register_datasets(site):
     assert data.train_x.shape == (8, 1, 2, 2) and data.spec == "ramp,n=8"
 
 
+def test_hook_register_loggers(site, tmp_path):
+    install_fake_distribution(site, "nz-test-list-logger", "nz_test_list_logger", """
+        from normzoo import hookimpl
+        from normzoo.loggers import Logger
+
+        SEEN = []
+
+        class ListLogger(Logger):
+            def __init__(self, *, every: int = 1):
+                self.every = every
+
+            def open(self, run_dir, config, step):
+                SEEN.append(("open", run_dir.name, config["norm"].split(",")[0], step))
+
+            def log(self, record):
+                SEEN.append((record["type"], record["step"]))
+
+            def close(self):
+                SEEN.append(("close",))
+
+        @hookimpl
+        def register_loggers(register):
+            register("list", ListLogger, summary="keeps the records in a list (tests)")
+    """)
+    reset_plugins()
+    from normzoo.config import RunConfig
+    from normzoo.runner import train
+
+    assert registry("loggers").get("list").plugin == "nz-test-list-logger"
+    train(RunConfig(backbone="vgg11,width=0.0625", dataset="synthetic,n=32,n_test=16", batch_size=16, steps=2,
+                    log_every=1, device="cpu", out=str(tmp_path), run_name="r", loggers=["list:every=2"]), quiet=True)
+    seen = sys.modules["nz_test_list_logger"].SEEN
+    assert seen[0] == ("open", "r", "bn", 0) and seen[-1] == ("close",)
+    assert ("train", 1) in seen and ("train", 2) in seen and ("eval", 2) in seen and ("status", 2) in seen
+
+
 def test_every_hook_has_a_test_and_its_exact_signature_in_the_readme():
     tests = {name for name in dir(sys.modules[__name__]) if name.startswith("test_hook_")}
     for hook in hookspecs.KINDS.values():

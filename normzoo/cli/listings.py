@@ -9,6 +9,7 @@ import json
 
 import click
 
+from normzoo import hookspecs
 from normzoo.cli.app import cli, format_table
 
 
@@ -46,6 +47,7 @@ _listing_command("norms", "List registered normalization layers and their spec p
 _listing_command("backbones", "List registered backbones (timm:<model> takes any timm model).")
 _listing_command("datasets", "List registered datasets.")
 _listing_command("probes", "List registered probe metrics and their parameters.")
+_listing_command("loggers", "List registered experiment trackers (--log): tensorboard, wandb, plugins'.")
 
 
 @cli.command()
@@ -60,7 +62,7 @@ def plugins(as_json: bool) -> None:
     from normzoo.plugins import get_plugins
 
     manager = get_plugins()
-    for kind in ("norms", "backbones", "datasets", "probes"):
+    for kind in hookspecs.KINDS:
         manager.registry(kind)  # calling the hooks surfaces errors raised inside them
     rows = [info.as_dict() for info in manager.info.values()]
     if as_json:

@@ -63,6 +63,8 @@ def sweep_options(command: Any) -> Any:
 @cli.command(epilog=SWEEP_EPILOG)
 @sweep_options
 @click.option("--probe", "probes", multiple=True, help="Probe spec for every run, repeatable (see 'normzoo probes').")
+@click.option("--log", "loggers", multiple=True, help="Experiment tracker for every run, repeatable (tensorboard: one "
+                                                     "TensorBoard run per sweep run, named by what varies).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="The sweep folder: one subfolder per run, sweep.json and sweep.csv.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -81,7 +83,7 @@ def sweep_options(command: Any) -> Any:
 @click.option("--retry-failed", is_flag=True, help="Run failed runs again (from their checkpoint when they have one).")
 @click.option("--dry-run", is_flag=True, help="Print the runs and their commands without running anything.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep(probes: tuple[str, ...], out: str, executor: str, address: str | None, cpus_per_run: float | None,
+def sweep(probes: tuple[str, ...], loggers: tuple[str, ...], out: str, executor: str, address: str | None, cpus_per_run: float | None,
           gpus_per_run: float | None, jobs: int | None, retry_failed: bool, dry_run: bool, quiet: bool,
           **lists: tuple[str, ...]) -> None:
     """Run the grid of every combination of the listed option values into one folder.
@@ -102,6 +104,8 @@ def sweep(probes: tuple[str, ...], out: str, executor: str, address: str | None,
     options = {o.field: o for o in RUN_OPTIONS}
     grid = {field: parse_values(options[field], texts) for field, texts in lists.items() if texts}
     fixed: dict[str, Any] = {"probes": list(probes)} if probes else {}
+    if loggers:
+        fixed["loggers"] = list(loggers)
     runs = plan(grid, fixed)
     validate(runs)
     if executor == "ray":
@@ -160,7 +164,7 @@ def validate(runs: list[PlannedRun]) -> None:
         config = RunConfig(**(apply_preset(preset, values) if preset else values))
         config.validate()
         for kind, spec in [("norms", config.norm), ("backbones", config.backbone), ("datasets", config.dataset),
-                           *[("probes", p) for p in config.probes]]:
+                           *[("probes", p) for p in config.probes], *[("loggers", g) for g in config.loggers]]:
             registry(kind).parse(spec)
 
 

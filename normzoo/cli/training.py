@@ -19,6 +19,7 @@ Examples:
   normzoo run --backbone vgg11 --norm noisy-bn --preset santurkar2018          # CIFAR-10, paper setting
   normzoo run --backbone timm:resnet18 --norm gn:8 --epochs 30 --compile reduce-overhead
   normzoo run --resume runs/20261123-101500-vgg11-lp_inf-s0                      # continue after Ctrl-C
+  normzoo run --norm lp:inf --log tensorboard && tensorboard --logdir runs      # watch runs in TensorBoard
   torchrun --nproc-per-node 4 -m normzoo run --norm bn:sync=true --batch-size 512   # data-parallel, global batch
 """
 
@@ -98,6 +99,9 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @cli.command(epilog=RUN_EPILOG)
 @run_options
 @click.option("--probe", "probes", multiple=True, help="Probe spec, repeatable (see 'normzoo probes').")
+@click.option("--log", "loggers", multiple=True,
+              help="Experiment tracker, repeatable: tensorboard, wandb (offline; wandb:mode=online to upload), "
+                   "or a plugin's (see 'normzoo loggers'). metrics.jsonl is written either way.")
 @click.option("--out", help=f"Parent folder of run directories.  [default: {D.out}]")
 @click.option("--run-name", help="Name of the run directory.  [default: <time>-<backbone>-<norm>-s<seed>]")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
@@ -105,7 +109,8 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--overwrite", is_flag=True, help="Replace the run already in --out/--run-name (it is refused "
                                                 "otherwise).")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table; print only the run directory.")
-def run(resume_dir: str | None, overwrite: bool, quiet: bool, probes: tuple[str, ...], **options: Any) -> None:
+def run(resume_dir: str | None, overwrite: bool, quiet: bool, probes: tuple[str, ...], loggers: tuple[str, ...],
+        **options: Any) -> None:
     """Train a backbone with a norm on a dataset into a run directory.
 
     Writes config.json, metrics.jsonl, summary.csv and last/best.safetensors checkpoints. Ctrl-C (or SIGTERM)
@@ -119,6 +124,8 @@ def run(resume_dir: str | None, overwrite: bool, quiet: bool, probes: tuple[str,
     explicit = {k: v for k, v in options.items() if v is not None}
     if probes:
         explicit["probes"] = list(probes)
+    if loggers:
+        explicit["loggers"] = list(loggers)
     if resume_dir:
         if overwrite:
             raise NormzooError("--overwrite starts a run over; it does not go with --resume")
