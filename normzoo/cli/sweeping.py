@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from normzoo.cli.app import cli
 from normzoo.cli.training import RUN_OPTIONS, RunOption
@@ -65,8 +66,9 @@ def sweep_options(command: Any) -> Any:
 @click.option("--probe", "probes", multiple=True, help="Probe spec for every run, repeatable (see 'normzoo probes').")
 @click.option("--log", "loggers", multiple=True, help="Experiment tracker for every run, repeatable (tensorboard: one "
                                                      "TensorBoard run per sweep run, named by what varies).")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="The sweep folder: one subfolder per run, sweep.json and sweep.csv.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="The sweep folder: one subfolder per run, sweep.json and sweep.csv.  [default: the experiment "
+                   "file's [sweep] out]")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: each run is a process of this sweep, --jobs at once. ray: each run is a Ray task "
                    "(pip install 'normzoo[ray]'); the sweep folder must be on a filesystem all nodes share.")
@@ -83,10 +85,14 @@ def sweep_options(command: Any) -> Any:
 @click.option("--retry-failed", is_flag=True, help="Run failed runs again (from their checkpoint when they have one).")
 @click.option("--dry-run", is_flag=True, help="Print the runs and their commands without running anything.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep(probes: tuple[str, ...], loggers: tuple[str, ...], out: str, executor: str, address: str | None, cpus_per_run: float | None,
-          gpus_per_run: float | None, jobs: int | None, retry_failed: bool, dry_run: bool, quiet: bool,
-          **lists: tuple[str, ...]) -> None:
+@click.argument("experiment", required=False, type=click.Path(dir_okay=False))
+def sweep(experiment: str | None, probes: tuple[str, ...], loggers: tuple[str, ...], out: str | None, executor: str,
+          address: str | None, cpus_per_run: float | None, gpus_per_run: float | None, jobs: int | None,
+          retry_failed: bool, dry_run: bool, quiet: bool, **lists: tuple[str, ...]) -> None:
     """Run the grid of every combination of the listed option values into one folder.
+
+    EXPERIMENT, optional, is a TOML experiment file: [grid] lists, [run] options every run shares, [sweep]
+    (out, executor, jobs, ...) and [report]; options given on the command line win over it.
 
     Every 'normzoo run' option takes a comma list (norm specs keep their ',key=value' parameters; ';' also
     separates). Each run is its own 'normzoo run' process writing OUT/<option-values>/; sweep.csv gets one row
@@ -99,13 +105,26 @@ def sweep(probes: tuple[str, ...], loggers: tuple[str, ...], out: str, executor:
     once as the cluster has resources for (so --jobs does not apply), with the same folder, resume and Ctrl-C
     behaviour.
     """
+    from normzoo.experiment import Experiment, read_experiment
     from normzoo.sweep import Executor, LocalExecutor, Sweep, command_text, plan
 
+    file = read_experiment(experiment) if experiment else Experiment(Path())
+    ctx = click.get_current_context()
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    settings = {"out": out, "executor": executor, "address": address, "cpus_per_run": cpus_per_run,
+                "gpus_per_run": gpus_per_run, "jobs": jobs}
+    settings.update({k: v for k, v in file.sweep.items() if k not in given})
+    out, executor, address = settings["out"], settings["executor"], settings["address"]
+    cpus_per_run, gpus_per_run, jobs = settings["cpus_per_run"], settings["gpus_per_run"], settings["jobs"]
+    if out is None:
+        raise NormzooError("give the sweep folder: --out DIR, or out = \"DIR\" under [sweep] in an experiment file")
     options = {o.field: o for o in RUN_OPTIONS}
-    grid = {field: parse_values(options[field], texts) for field, texts in lists.items() if texts}
-    fixed: dict[str, Any] = {"probes": list(probes)} if probes else {}
-    if loggers:
-        fixed["loggers"] = list(loggers)
+    shared = {k: v for k, v in file.run.items() if k not in ("probes", "loggers")}
+    grid = {**file.grid, **{k: [v] for k, v in shared.items() if k not in file.grid},
+            **{field: parse_values(options[field], texts) for field, texts in lists.items() if texts}}
+    fixed: dict[str, Any] = {key: value for key, value in (("probes", list(probes) or file.run.get("probes")),
+                                                           ("loggers", list(loggers) or file.run.get("loggers")))
+                             if value}
     runs = plan(grid, fixed)
     validate(runs)
     if executor == "ray":
@@ -129,7 +148,9 @@ def sweep(probes: tuple[str, ...], loggers: tuple[str, ...], out: str, executor:
             click.echo(f"{Path(out) / run.name}\n  {command_text(run.command(Path(out)))}")
         return
     click.echo(f"sweep of {len(runs)} runs into {out} ({chosen.describe(runs)})")
-    counts = Sweep(runs, out, retry_failed=retry_failed, echo=click.echo, definition={"grid": grid, "fixed": fixed},
+    definition = {"grid": grid, "fixed": fixed, "report": file.report,
+                  **({"experiment": str(file.path)} if experiment else {})}
+    counts = Sweep(runs, out, retry_failed=retry_failed, echo=click.echo, definition=definition,
                    executor=chosen).execute(progress=not quiet)
     click.echo(f"{out}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) +
                f"\nsweep.csv: {Path(out) / 'sweep.csv'}\nreport:    normzoo report {out}")
@@ -169,7 +190,7 @@ def validate(runs: list[PlannedRun]) -> None:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--target-acc", type=click.FloatRange(0, 1),
               help="Training accuracy that defines 'steps to target'.  [default: 80% of the best scheme's final "
                    "training accuracy, rounded down to 5%]")
@@ -177,12 +198,38 @@ def validate(runs: list[PlannedRun]) -> None:
 def report(path: str, target_acc: float | None, title: str | None) -> None:
     """Write report.md, report.html (self-contained) and report-figures/*.png for a run or sweep folder.
 
+    PATH is the folder, or the experiment file that made it (its [sweep] out, its [report] options). A sweep
+    folder remembers its experiment file's [report] options; options given here win.
+
     \b
     Example:
       normzoo report sweeps/santurkar && xdg-open sweeps/santurkar/report.html
+      normzoo report examples/santurkar2018-small.toml
     """
     from normzoo.report import write_report
 
-    files = write_report(path, target_acc=target_acc, title=title)
+    folder, defaults = report_source(Path(path))
+    target_acc = target_acc if target_acc is not None else defaults.get("target_acc")
+    files = write_report(folder, target_acc=target_acc, title=title or defaults.get("title"))
     click.echo(f"{files.html}\n{files.markdown}\n{len(files.figures)} figures in {files.figures[0].parent}"
                if files.figures else f"{files.html}\n{files.markdown}")
+
+
+def report_source(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The folder to report on and the [report] options that go with it (from the experiment file, or the ones a
+    sweep folder's sweep.json kept)."""
+    import json
+
+    from normzoo.experiment import read_experiment
+
+    if path.is_file():
+        experiment = read_experiment(path)
+        if "out" not in experiment.sweep:
+            raise NormzooError(f"{path} names no sweep folder (out under [sweep]); give the folder instead")
+        return Path(experiment.sweep["out"]), experiment.report
+    try:
+        definition = json.loads((path / "sweep.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return path, {}
+    report = definition.get("report") if isinstance(definition, dict) else None
+    return path, report if isinstance(report, dict) else {}

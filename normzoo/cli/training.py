@@ -19,6 +19,7 @@ Examples:
   normzoo run --backbone vgg11 --norm noisy-bn --preset santurkar2018          # CIFAR-10, paper setting
   normzoo run --backbone timm:resnet18 --norm gn:8 --epochs 30 --compile reduce-overhead
   normzoo run --resume runs/20261123-101500-vgg11-lp_inf-s0                      # continue after Ctrl-C
+  normzoo run --config runs/20261123-101500-vgg11-lp_inf-s0/config.json --seed 1 --run-name again
   normzoo run --norm lp:inf --log tensorboard && tensorboard --logdir runs      # watch runs in TensorBoard
   torchrun --nproc-per-node 4 -m normzoo run --norm bn:sync=true --batch-size 512   # data-parallel, global batch
 """
@@ -108,9 +109,12 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
               help="Continue a run directory from its last checkpoint (a finished run: only with a larger --steps).")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in --out/--run-name (it is refused "
                                                 "otherwise).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="Options from a TOML run file (keys as the options, at the top level or under [run]) or a run "
+                   "folder's config.json; options given here win.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table; print only the run directory.")
-def run(resume_dir: str | None, overwrite: bool, quiet: bool, probes: tuple[str, ...], loggers: tuple[str, ...],
-        **options: Any) -> None:
+def run(resume_dir: str | None, overwrite: bool, config_file: str | None, quiet: bool, probes: tuple[str, ...],
+        loggers: tuple[str, ...], **options: Any) -> None:
     """Train a backbone with a norm on a dataset into a run directory.
 
     Writes config.json, metrics.jsonl, summary.csv and last/best.safetensors checkpoints. Ctrl-C (or SIGTERM)
@@ -127,10 +131,18 @@ def run(resume_dir: str | None, overwrite: bool, quiet: bool, probes: tuple[str,
     if loggers:
         explicit["loggers"] = list(loggers)
     if resume_dir:
-        if overwrite:
-            raise NormzooError("--overwrite starts a run over; it does not go with --resume")
+        if overwrite or config_file:
+            raise NormzooError(f"{'--overwrite' if overwrite else '--config'} starts a run; it does not go with "
+                               "--resume (which continues the run's own config)")
         result = runner.resume(resume_dir, quiet=quiet, **explicit)
     else:
+        if config_file:
+            from normzoo.experiment import read_run_file
+
+            from_file = read_run_file(config_file)
+            if "steps" in explicit or "epochs" in explicit:  # the length given here replaces the file's
+                from_file = {k: v for k, v in from_file.items() if k not in ("steps", "epochs")}
+            explicit = {**from_file, **explicit}
         preset = explicit.pop("preset", None)
         values = apply_preset(preset, explicit) if preset else explicit
         result = runner.train(RunConfig(**values), quiet=quiet, overwrite=overwrite)
