@@ -52,3 +52,17 @@ def test_every_python_example_in_the_readme_runs_as_written(tmp_path, monkeypatc
     assert api["info"]["backbone"].startswith("vgg11,") and api["layer"].mu == 0.5
     assert "GroupNorm" in repr(api["resnet"].bn1) and "LpNorm" in repr(api["convnext"])
     assert callable(namespaces[-1]["test_mean_bn_keeps_the_norm_contract"])
+
+
+def test_the_readmes_experiment_file_is_a_valid_sweep(tmp_path):
+    from click.testing import CliRunner
+
+    from normzoo.cli import cli
+
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+                if "[grid]" in b]
+    path = tmp_path / "santurkar.toml"
+    path.write_text(block)
+    result = CliRunner().invoke(cli, ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("normzoo run") == 7 * 2 * 3 and "--log tensorboard" in result.output
