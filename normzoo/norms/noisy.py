@@ -181,7 +181,10 @@ class _RedrawnScale(torch.autograd.Function):
     def forward(ctx: Any, a: Tensor, mu_c: Tensor, sigma_c: Tensor, full: tuple[int, ...], rows: slice,
                 r_mu: float, r_sigma: float) -> Tensor:
         kw = {"dtype": mu_c.dtype, "device": mu_c.device}
-        m = torch.empty(full, **kw).uniform_(-r_mu, r_mu)[rows].add_(mu_c)
+        m = torch.empty(full, **kw).uniform_(-r_mu, r_mu)
+        # The output is written into m: it must not be a view (an in-place ReLU after a custom Function's view
+        # output is an error), so a replica's rows of the global draw are copied out.
+        m = (m if rows == slice(None) else m[rows].clone()).add_(mu_c)
         ctx.state = torch.cuda.get_rng_state(a.device) if a.is_cuda else torch.get_rng_state()
         ctx.draw = (full, rows, r_sigma, kw)
         ctx.save_for_backward(sigma_c)
