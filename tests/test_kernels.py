@@ -357,6 +357,43 @@ def test_eager_recompute_redraws_the_same_noise():
 
 
 # -- torch.compile: the custom ops are traceable everywhere -----------------------------------------------------------
+@pytest.mark.parametrize("op,args", [
+    ("batch_scale_norm", ("power", math.inf, False, 1.0, 1, 1e-5, False)),
+    ("batch_scale_norm", ("topk", math.inf, True, 1.0, 3, 1e-5, False)),
+    ("noisy_batch_norm", (0, 0.5, 1.25, 0.1, 0.1, True, 1e-5, False)),
+    ("channel_noise", (0, 0.5, 1.25, 0.1, 0.1, False)),
+], ids=["lp:inf", "topk-bn", "noisy-bn", "noise"])
+def test_custom_ops_pass_torch_library_opcheck(interpreter, op, args):
+    """Schema, autograd registration, fake (meta) implementation and AOT tracing of each op agree with its real
+    implementation, the Triton kernels (``torch.library.opcheck``)."""
+    x = sample((5, 4, 3, 2)).contiguous(memory_format=NHWC).requires_grad_()
+    weight, bias = torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True)
+    seed = torch.tensor([5])
+    inputs = {"batch_scale_norm": (x, weight, bias), "noisy_batch_norm": (x, weight, bias, seed),
+              "channel_noise": (x, seed)}[op]
+    with kernels.interpreting():
+        results = torch.library.opcheck(getattr(torch.ops.normzoo, op).default, inputs + args)
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("spec", ["lp:inf", "noisy-bn", "noisy-bn:bn=false"])
+def test_compiled_model_traces_the_kernel_path(interpreter, spec):
+    """The modules' CUDA code path (the ops, the seed draw, the running-statistics update) under
+    ``torch.compile(fullgraph=True)``, run on CPU through the interpreter."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), norm(spec), torch.nn.ReLU())
+    x = sample((4, 3, 5, 5))
+    with kernels.interpreting():
+        torch.compile(model, backend="aot_eager", fullgraph=True)(x).sum().backward()
+        compiled_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model(x).sum().backward()
+    torch._dynamo.reset()
+    assert all(torch.isfinite(g).all() for g in compiled_grads)
+    if spec == "lp:inf":  # no noise: the compiled graph computes what eager does
+        for got, p in zip(compiled_grads, model.parameters()):
+            torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-5)
+
 COMPILED_SPECS = ["none", "bn", "noisy-bn", "lp:1", "lp:2", "lp:inf", "lp:3", "lp:1,centered=true", "l1-bn",
                   "topk-bn", "gn", "ln", "in"]
 

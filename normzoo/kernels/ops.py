@@ -63,8 +63,10 @@ def _gather_replicas(local: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _aux_like(x: Tensor) -> Tensor:
-    return x.new_empty(AUX_ROWS, x.shape[1], dtype=torch.float32)
+def _aux_like(x: Tensor, fake: bool = False) -> Tensor:
+    """What the backward needs besides mean and scale (kernels only; zeros from the eager implementation)."""
+    make = x.new_empty if fake else x.new_zeros
+    return make(AUX_ROWS, x.shape[1], dtype=torch.float32)
 
 
 # -- the batch scale norms -------------------------------------------------------------------------------------------
@@ -93,7 +95,8 @@ def batch_scale_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, kind
 def _(x, weight, bias, kind, p, centered, factor, k, eps, sync):
     stat_dtype = torch.float32 if kernels_take(x) else _compute_dtype(x.dtype)
     C = x.shape[1]
-    return torch.empty_like(x), x.new_empty(C, dtype=stat_dtype), x.new_empty(C, dtype=stat_dtype), _aux_like(x)
+    return (torch.empty_like(x), x.new_empty(C, dtype=stat_dtype), x.new_empty(C, dtype=stat_dtype),
+            _aux_like(x, fake=True))
 
 
 @torch.library.custom_op("normzoo::batch_scale_norm_backward", mutates_args=())
@@ -165,7 +168,7 @@ def noisy_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, seed
 def _(x, weight, bias, seed, row0, mu, sigma, r_mu, r_sigma, before, eps, sync):
     C = x.shape[1]
     return (torch.empty_like(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32),
-            _aux_like(x))
+            _aux_like(x, fake=True))
 
 
 @torch.library.custom_op("normzoo::noisy_batch_norm_backward", mutates_args=())

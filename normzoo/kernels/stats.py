@@ -39,6 +39,9 @@ COEF_MEAN = tl.constexpr(tiling.COEF_MEAN)
 COEF_INV = tl.constexpr(tiling.COEF_INV)
 COEF_GAMMA = tl.constexpr(tiling.COEF_GAMMA)
 COEF_BETA = tl.constexpr(tiling.COEF_BETA)
+AUX_T = tl.constexpr(tiling.AUX_T)
+AUX_W = tl.constexpr(tiling.AUX_W)
+AUX_SIGN = tl.constexpr(tiling.AUX_SIGN)
 AUX_N = tl.constexpr(tiling.AUX_N)
 
 
@@ -211,6 +214,8 @@ def finalize_kernel(part_ptr, dev_ptr, weight_ptr, bias_ptr, mean_ptr, scale_ptr
     tl.store(mean_ptr + cols, mean, mask=cmask)
     tl.store(scale_ptr + cols, scale, mask=cmask)
     tl.store(aux_ptr + AUX_N * C + cols, n, mask=cmask)
+    for row in tl.static_range(3):  # the top-k selection's rows, unused here: defined values, not garbage
+        tl.store(aux_ptr + (AUX_T + row) * C + cols, n * 0, mask=cmask)
     store_coefficients(coef_ptr, weight_ptr, bias_ptr, cols, cmask, C, mean, inv, HAS_WEIGHT, HAS_BIAS)
 
 
