@@ -7,11 +7,13 @@ CUDA graphs capture. The passes are the ones cuDNN's batch norm makes: one per-c
 normalize pass forward, one reduction pass and one elementwise pass backward, statistics in float32 whatever the
 input dtype, NCHW and channels_last read in place.
 
-Files, one concept each: :mod:`~normzoo.kernels.tiling` (how a kernel tiles an (N, C, H·W) tensor; no Triton),
+Files, one concept each: :mod:`~normzoo.kernels.tiling` (how a kernel tiles an (N, C, H·W) tensor, and the layout
+of the small buffers between kernels; no Triton), :mod:`~normzoo.kernels.common` (Triton helpers),
 :mod:`~normzoo.kernels.stats` (forward statistics and normalize kernels), :mod:`~normzoo.kernels.grad` (backward
 kernels), :mod:`~normzoo.kernels.topk` (exact per-channel top-k by threshold selection), :mod:`~normzoo.kernels.noise`
-(Algorithm 1's noise from Philox), :mod:`~normzoo.kernels.scale_norm` and :mod:`~normzoo.kernels.noisy_norm` (the
-launchers: which kernels run in which order), :mod:`~normzoo.kernels.ops` (the custom ops and their dispatch).
+(Algorithm 1's noise from Philox), :mod:`~normzoo.kernels.scale_norm` (the launchers: which kernels run in which
+order, noisy-bn's included), :mod:`~normzoo.kernels.ops` (the custom ops and their dispatch),
+:mod:`~normzoo.kernels.precompile` (compiling without running: ahead of time, or for a GPU that is not there).
 
 Triton is imported only when a kernel is first launched: ``import normzoo`` never imports it. The eager
 implementations in :mod:`normzoo.norms` stay the reference, and the path taken on CPU and wherever Triton is missing.

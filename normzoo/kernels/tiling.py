@@ -51,7 +51,7 @@ class Tiling:
     splits: int  # row splits: programs per channel block
     rows_per_split: int  # a multiple of block_r
     num_warps: int
-    group: int  # rows per group of the top-k kernels' group extrema (divides block_r)
+    group: int = 1  # rows per group of the top-k statistics' group extrema (divides block_r; set by its launcher)
 
     @property
     def channel_blocks(self) -> int:
@@ -103,14 +103,13 @@ def tiling(t: torch.Tensor) -> Tiling:
     splits = _overrides.get("splits", splits)
     rows_per_split = -(-tiles // splits) * block_r
     splits = -(-rows // rows_per_split)  # no empty split
-    group = min(_overrides.get("group", 32), block_r)
     return Tiling(rows, hw, C, block_r, block_c, splits, rows_per_split,
-                  num_warps=8 if block_r * block_c >= 2048 else 4, group=group)
+                  num_warps=8 if block_r * block_c >= 2048 else 4)
 
 
 @contextlib.contextmanager
 def overrides(**sizes: int) -> Iterator[None]:
-    """Force ``block_r``, ``block_c``, ``splits`` or ``group`` (powers of two except splits) inside this block.
+    """Force ``block_r``, ``block_c`` (powers of two) or ``splits`` inside this block.
 
     Tests use it to cut small tensors into many partial tiles and splits, so that every combination path runs.
     """
