@@ -168,12 +168,6 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, s: Te
     return dx, dw, db
 
 
-def partial_statistics(x: Tensor, scale: Scale, center: Tensor | None = None) -> Tensor:
-    """One replica's statistics as one partial row (1, PARTS, C), as a synced forward all-gathers them (tests)."""
-    mode = scale.mode if center is not None else scale.stats_mode
-    return _combine(_statistics(x, tiling(x), mode, scale.pow_p, None, center=center), mode)
-
-
 def _statistics(x: Tensor, t: Tiling, mode: int, p: float, gather: Gather | None, *, center: Tensor | None = None,
                 table: Tensor | None = None) -> Tensor:
     """Partials (splits, PARTS, C) of one statistics pass; with ``gather``, every replica's combined row."""
