@@ -73,12 +73,41 @@ def fwd_bwd_timer(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync):
     return run
 
 
-def measure(spec: str, shape: tuple[int, ...], device: torch.device, repeats: int, warmup: int) -> dict:
-    x = torch.randn(shape, device=device)
-    grad = torch.randn(shape, device=device)
+def fwd_bwd_peak(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
+    """Peak bytes allocated during one forward+backward of ``module`` above what was live before it."""
+    x = x.detach().clone().requires_grad_()
+
+    def step() -> None:
+        module(x).backward(grad)
+
+    if x.device.type != "cuda":
+        return _cpu_step_peak(step)
+    torch.cuda.synchronize(x.device)
+    base = torch.cuda.memory_allocated(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    step()
+    torch.cuda.synchronize(x.device)
+    return torch.cuda.max_memory_allocated(x.device) - base
+
+
+def measure(spec: str, shape: tuple[int, ...], device: torch.device, repeats: int, warmup: int, *,
+            dtype: torch.dtype = torch.float32, channels_last: bool = False, compile_backend: str | None = None,
+            memory: bool = False) -> dict:
+    """Forward+backward time of the norm ``spec`` and of ``nn.BatchNorm2d``, measured alternately, and their ratio.
+
+    ``dtype``/``channels_last`` set the input (the modules keep float32 parameters, as under autocast);
+    ``compile_backend`` times ``torch.compile(nn.Sequential(norm, nn.ReLU()))`` against the same with BN instead
+    (the norm inside a compiled model, fused with what follows it where the compiler can); ``memory`` adds the peak
+    bytes of one forward+backward above the input's (``fwd_bwd_peak``) and its ratio to BN's.
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
+    grad = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     bn = nn.BatchNorm2d(shape[1], device=device).train()
     norm = create_norm(spec, shape[1], device=device).train()
+    if compile_backend:
+        bn, norm = (torch.compile(nn.Sequential(m, nn.ReLU()), backend=compile_backend) for m in (bn, norm))
     time_bn, time_norm = fwd_bwd_timer(bn, x, grad, sync), fwd_bwd_timer(norm, x, grad, sync)
     for _ in range(warmup):
         time_bn(), time_norm()
@@ -87,7 +116,12 @@ def measure(spec: str, shape: tuple[int, ...], device: torch.device, repeats: in
         bn_times.append(time_bn())
         norm_times.append(time_norm())
     bn_ms, norm_ms = 1e3 * statistics.median(bn_times), 1e3 * statistics.median(norm_times)
-    return {"spec": spec, "shape": list(shape), "bn_ms": bn_ms, "norm_ms": norm_ms, "ratio": norm_ms / bn_ms}
+    result = {"spec": spec, "shape": list(shape), "bn_ms": bn_ms, "norm_ms": norm_ms, "ratio": norm_ms / bn_ms}
+    if memory:
+        bn_peak, norm_peak = fwd_bwd_peak(bn, x, grad), fwd_bwd_peak(norm, x, grad)
+        result |= {"bn_peak_mib": bn_peak / 2**20, "norm_peak_mib": norm_peak / 2**20,
+                   "peak_ratio": norm_peak / max(bn_peak, 1)}
+    return result
 
 
 # -- peak memory of a training step ---------------------------------------------------------------------------------

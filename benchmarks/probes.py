@@ -43,7 +43,10 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def probe_costs(backbone: str, norm: str, batch_size: int, device: torch.device, repeats: int) -> None:
+def probe_costs(backbone: str, norm: str, batch_size: int, device: torch.device, repeats: int,
+                names: tuple[str, ...] | None = None) -> dict:
+    """Each registered probe's (or each of ``names``') ``measure`` (default parameters) in units of one training
+    step; printed, returned."""
     data = load_dataset("fashion-mnist-mini")
     torch.manual_seed(0)
     model = build_model(backbone, norm, num_classes=data.num_classes, in_chans=data.input_shape[0]).to(device)
@@ -56,7 +59,8 @@ def probe_costs(backbone: str, norm: str, batch_size: int, device: torch.device,
         optimizer.zero_grad(set_to_none=True)
 
     context = ProbeContext(model, F.cross_entropy, x, y, optimizer, 0.05, 1, 1000)
-    probes = [(entry.name, registry("probes").build(entry.name)) for entry in registry("probes")]
+    probes = [(entry.name, registry("probes").build(entry.name)) for entry in registry("probes")
+              if names is None or entry.name in names]
     for _ in range(2):  # warm-up, and a populated momentum buffer for ics
         train_step()
         for _, probe in probes:
@@ -70,9 +74,12 @@ def probe_costs(backbone: str, norm: str, batch_size: int, device: torch.device,
     step = statistics.median(step_times)
     print(f"one training step: {1e3 * step:.1f} ms ({backbone}, {norm}, batch {batch_size}, {device})")
     print(f"{'probe (defaults)':<18}{'ms':>10}{'steps':>9}   goal")
+    costs = {}
     for name, probe in probes:
         cost = statistics.median(probe_times[name]) / step
-        print(f"{name:<18}{1e3 * cost * step:>10.1f}{cost:>9.2f}   {goal(name, probe, model)}")
+        costs[name] = {"ms": 1e3 * cost * step, "steps": cost, "goal": goal(name, probe, model)}
+        print(f"{name:<18}{1e3 * cost * step:>10.1f}{cost:>9.2f}   {costs[name]['goal']}")
+    return {"step_ms": 1e3 * step, "probes": costs}
 
 
 def goal(name: str, probe, model) -> str:
@@ -86,7 +93,8 @@ def goal(name: str, probe, model) -> str:
     return ""
 
 
-def probe_set_overhead(backbone: str, norm: str, batch_size: int, device: str, steps: int) -> None:
+def probe_set_overhead(backbone: str, norm: str, batch_size: int, device: str, steps: int) -> dict:
+    """The paper's probe set at every=100 through the runner: probe time / training time; printed, returned."""
     with tempfile.TemporaryDirectory() as out:
         config = RunConfig(backbone=backbone, norm=norm, dataset="fashion-mnist-mini", steps=steps,
                            batch_size=batch_size, lr=0.05, device=device, probes=list(PAPER_SET),
@@ -95,6 +103,8 @@ def probe_set_overhead(backbone: str, norm: str, batch_size: int, device: str, s
     share = summary["probe_time_s"] / summary["train_time_s"]
     print(f"paper probe set ({', '.join(PAPER_SET)}) over {steps} steps: probes {summary['probe_time_s']:.1f} s, "
           f"training {summary['train_time_s']:.1f} s -> +{100 * share:.1f} % wall time (goal <= 15 %)")
+    return {"steps": steps, "probe_time_s": summary["probe_time_s"], "train_time_s": summary["train_time_s"],
+            "added": share}
 
 
 def main() -> None:

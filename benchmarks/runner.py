@@ -1,10 +1,13 @@
-"""normzoo's training step vs a bare hand-written PyTorch loop: images/s, interleaved in one process.
+"""normzoo's training step vs a bare hand-written PyTorch loop: images/s, in one process.
 
     python benchmarks/runner.py                      # CPU: vgg11 (width 0.5) on fashion-mnist-mini, batch 128
     python benchmarks/runner.py --device cuda        # adds vgg11/CIFAR-shape bf16 + channels_last (+compile)
 
-Both loops train the same architecture on the same device-resident data with the same batches; rounds
-alternate between them so drift in machine speed hits both. Goal: ratio ≥ 0.95.
+Both loops train the same architecture on the same device-resident data with the same batches. Each loop is
+built (and compiled) once, runs one untimed window of warm-up (compilation, CUDA graph recording), then
+``rounds`` timed windows of ``steps`` steps: the bare loop's rounds, then normzoo's, the images/s of each
+normzoo window read from the run's own log (the final evaluation untimed). Compiled rows are therefore medians
+of several windows, not one sample of a freshly compiled model. Goal: ratio ≥ 0.95.
 """
 
 from __future__ import annotations
@@ -21,53 +24,60 @@ from normzoo.config import RunConfig
 from normzoo.data import load_dataset
 from normzoo.models import build_model
 from normzoo.rundir import RunDir
-from normzoo.runner import Trainer, batch_indices
+from normzoo.runner import BatchSampler, Trainer
 
 
-def bare_loop(backbone: str, norm: str, data, steps: int, batch_size: int, device: torch.device,
-              channels_last: bool, amp: bool, compile_mode: str | None) -> float:
-    """The loop a researcher would write by hand; returns images/s."""
-    torch.manual_seed(0)
-    model = build_model(backbone, norm, num_classes=data.num_classes, in_chans=data.input_shape[0]).to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x_all = data.train_x.to(device).contiguous(memory_format=fmt)
-    y_all = data.train_y.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
-    batches = [batch_indices(0, s, len(y_all), batch_size).to(device) for s in range(steps + 2)]
+class BareLoop:
+    """The loop a researcher would write by hand, built and compiled once and timed in rounds."""
 
-    def step(i: int) -> None:
-        x, y = x_all[batches[i]], y_all[batches[i]]
-        if compile_mode == "reduce-overhead":
+    def __init__(self, backbone: str, norm: str, data, batch_size: int, device: torch.device, channels_last: bool,
+                 amp: bool, compile_mode: str | None) -> None:
+        torch.manual_seed(0)
+        model = build_model(backbone, norm, num_classes=data.num_classes, in_chans=data.input_shape[0]).to(device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=fmt)
+        self.x_all = data.train_x.to(device).contiguous(memory_format=fmt)
+        self.y_all = data.train_y.to(device)
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        self.forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+        self.cudagraphs = compile_mode == "reduce-overhead"
+        self.sampler = BatchSampler(0, len(self.y_all), batch_size, device)  # the run's batches, permuted on device
+        self.device, self.amp, self.batch_size, self.steps_done = device, amp, batch_size, 0
+
+    def step(self) -> None:
+        idx = self.sampler(self.steps_done)
+        x, y = self.x_all[idx], self.y_all[idx]
+        if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(forward(x).float(), y)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = F.cross_entropy(self.forward(x).float(), y)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps_done += 1
 
-    for i in range(2):  # warm-up (and compilation): the trainer's first, untimed-here window pays for it too
-        step(i)
-    sync(device)
-    start = time.perf_counter()
-    for i in range(2, steps + 2):
-        step(i)
-    sync(device)
-    return steps * batch_size / (time.perf_counter() - start)
+    def round(self, steps: int) -> float:
+        """Images/s over ``steps`` steps."""
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync(self.device)
+        return steps * self.batch_size / (time.perf_counter() - start)
 
 
-def normzoo_loop(backbone: str, norm: str, dataset: str, steps: int, batch_size: int, device: str,
-                 channels_last: bool, amp: bool, compile_mode: str | None, out: str) -> float:
-    """normzoo's Trainer over the same setting; images/s from the timed training windows (no setup/eval)."""
-    config = RunConfig(backbone=backbone, norm=norm, dataset=dataset, steps=steps, batch_size=batch_size,
-                       lr=0.05, device=device, channels_last=channels_last, amp="bf16" if amp else "off",
-                       compile=compile_mode, log_every=steps // 2, eval_every=10**9, out=out,
+def normzoo_windows(backbone: str, norm: str, dataset: str, steps: int, rounds: int, batch_size: int, device: str,
+                    channels_last: bool, amp: bool, compile_mode: str | None, out: str) -> list[float]:
+    """normzoo's Trainer over ``rounds + 1`` windows of ``steps`` steps; images/s of each window but the first."""
+    config = RunConfig(backbone=backbone, norm=norm, dataset=dataset, steps=(rounds + 1) * steps,
+                       batch_size=batch_size, lr=0.05, device=device, channels_last=channels_last,
+                       amp="bf16" if amp else "off", compile=compile_mode, log_every=steps, eval_every=10**9, out=out,
                        schedule="constant")
-    result = Trainer(config, quiet=True).fit()
-    # The second window excludes the warm-up the first window paid for (compilation included).
-    windows = [r for r in RunDir(result.run_dir).read_log() if r["type"] == "train"]
-    return windows[-1]["images_per_s"]
+    trainer = Trainer(config, quiet=True)
+    trainer.eval_forward = trainer.model  # the final evaluation is not timed: spare it a compilation
+    result = trainer.fit()
+    windows = [r["images_per_s"] for r in RunDir(result.run_dir).read_log() if r["type"] == "train"]
+    return windows[1:]
 
 
 def sync(device: torch.device) -> None:
@@ -76,21 +86,24 @@ def sync(device: torch.device) -> None:
 
 
 def compare(label: str, backbone: str, norm: str, dataset: str, steps: int, batch_size: int, device: str,
-            rounds: int, channels_last: bool = False, amp: bool = False, compile_mode: str | None = None) -> None:
-    data = load_dataset(dataset)
-    bare, ours = [], []
+            rounds: int, channels_last: bool = False, amp: bool = False, compile_mode: str | None = None) -> dict:
+    """Median images/s of both loops over ``rounds`` windows each, and normzoo / bare; printed and returned."""
+    if compile_mode:  # each loop compiles afresh, never hitting a recompile limit and falling back to eager
+        torch._dynamo.reset()
+    loop = BareLoop(backbone, norm, load_dataset(dataset), batch_size, torch.device(device), channels_last, amp,
+                    compile_mode)
+    loop.round(steps)  # warm-up: the window normzoo's first (untimed) one matches
+    bare = [loop.round(steps) for _ in range(rounds)]
+    del loop
+    if compile_mode:
+        torch._dynamo.reset()
     with tempfile.TemporaryDirectory() as out:
-        for _ in range(rounds):
-            if compile_mode:  # each loop compiles afresh, never hitting a recompile limit and falling back to eager
-                torch._dynamo.reset()
-            bare.append(bare_loop(backbone, norm, data, steps, batch_size, torch.device(device), channels_last, amp,
-                                   compile_mode))
-            if compile_mode:
-                torch._dynamo.reset()
-            ours.append(normzoo_loop(backbone, norm, dataset, 2 * steps, batch_size, device, channels_last, amp,
-                                     compile_mode, out))
+        ours = normzoo_windows(backbone, norm, dataset, steps, rounds, batch_size, device, channels_last, amp,
+                               compile_mode, out)
     b, o = statistics.median(bare), statistics.median(ours)
     print(f"{label:<48} bare {b:9.0f} img/s   normzoo {o:9.0f} img/s   ratio {o / b:5.3f}", flush=True)
+    return {"label": label, "norm": norm, "compile": compile_mode, "bare_img_s": b, "normzoo_img_s": o,
+            "ratio": o / b, "bare_rounds": bare, "normzoo_rounds": ours}
 
 
 def main() -> None:
@@ -113,10 +126,10 @@ def main() -> None:
             args.rounds, channels_last=True, amp=True)
     compare("vgg11 lp:inf CIFAR-shape b128 bf16+channels_last", "vgg11", "lp:inf", cifar, steps, 128,
             args.device, args.rounds, channels_last=True, amp=True)
-    for mode in ("default", "reduce-overhead"):  # one round: each compiles for tens of seconds
+    for mode in ("default", "reduce-overhead"):
         for norm in ("bn", "lp:inf"):
             compare(f"vgg11 {norm} CIFAR-shape b128 bf16+cl+compile({mode})", "vgg11", norm, cifar, steps, 128,
-                    args.device, 1, channels_last=True, amp=True, compile_mode=mode)
+                    args.device, args.rounds, channels_last=True, amp=True, compile_mode=mode)
 
 
 if __name__ == "__main__":

@@ -471,7 +471,12 @@ class Trainer:
                     if status == "diverged":
                         break
                 if step % self.eval_every == 0 or step == self.total or stopping:
+                    self.sync()  # training work still queued belongs to the training window
+                    eval_start = time.perf_counter()
                     self.evaluate_and_save(step)
+                    # Training windows exclude evaluation and checkpointing, as they exclude probes: an evaluation
+                    # right after a logged window used to be timed as training in the next one.
+                    self.window_probe_s += time.perf_counter() - eval_start
                 if stopping:
                     status = "interrupted"
                     break

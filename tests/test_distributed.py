@@ -22,7 +22,8 @@ from normzoo.norms.base import create_norm
 
 SYNCED = ["bn:sync=true", "lp:inf,sync=true", "noisy-bn:sync=true", "lp:1,centered=true,sync=true",
           "lp:3,sync=true", "l1-bn:sync=true", "topk-bn:5,sync=true", "noisy-bn:where=before,sync=true",
-          "noisy-bn:bn=false", "mean-bn:sync=true"]  # the last: the example plugin's norm
+          "noisy-bn:recompute=true,sync=true", "noisy-bn:bn=false",
+          "mean-bn:sync=true"]  # the last: the example plugin's norm
 WORLD = 2
 BATCH, C, HW = 8, 3, 5
 

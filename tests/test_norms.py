@@ -35,7 +35,7 @@ BUILTINS = {"none": NoNorm, "bn": BatchNorm, "noisy-bn": NoisyBatchNorm, "lp": L
             "ln": LayerNorm, "in": InstanceNorm, "l1-bn": L1BatchNorm, "topk-bn": TopKBatchNorm}
 VARIANTS = ["lp:1", "lp:inf", "lp:1,centered=true", "lp:2,centered=true", "lp:inf,centered=true", "lp:3",
             "lp:1.5,centered=true", "gn:2", "topk-bn:3", "noisy-bn:where=before", "noisy-bn:bn=false",
-            "noisy-bn:eval=none"]
+            "noisy-bn:eval=none", "noisy-bn:recompute=true"]
 SPECS = sorted(registry("norms").names()) + VARIANTS
 C = 4
 

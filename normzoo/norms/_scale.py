@@ -2,9 +2,11 @@
 
 Per channel, over the batch and the spatial positions: ``y = γ · (x − µ) / (s + eps) + β`` with µ the batch mean
 and s a scale statistic of the batch (a power mean, a mean absolute deviation, a top-k mean, ...). A subclass of
-:class:`BatchScaleNorm` says how s is computed (``_batch_stats``) and gives a plain-autograd version of the same
-computation (``_reference_scale``); this module supplies the running statistics, the eval path and one custom
-autograd Function with an analytic backward that needs only a few passes over the tensors.
+:class:`BatchScaleNorm` says which (a :class:`ScaleSpec`: how s is computed eagerly, as plain autograd ops, and
+by the kernels); this module supplies the running statistics, the eval path and the eager implementation: one
+custom autograd Function with an analytic backward that needs only a few passes over the tensors. On CUDA, and
+under ``torch.compile``, the train-mode forward is the ``normzoo::batch_scale_norm`` custom op instead
+(:mod:`normzoo.kernels`), whose CPU implementation is this eager one.
 
 Backward. With g = dL/dout, n the number of values per channel, d = s + eps, y = (x − µ)/d and
 G = Σ_i γ g_i y_i (which is γ·dL/dγ), every variant's input gradient is
@@ -26,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normzoo import kernels
 from normzoo.distributed import ChannelReduce, SyncedChannelReduce, sync_active
+from normzoo.kernels import ops
 from normzoo.norms.base import NormTraits, as_channels_first_4d
 from normzoo.spec import Fraction, NonNegative
 
@@ -197,28 +201,97 @@ class ScaleStats:
     scratch: Tensor | None = None
 
 
-# -- the autograd Function -------------------------------------------------------------------------------------------
+# -- what a norm divides by -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScaleSpec:
+    """The scale statistic of a batch scale norm: what the eager code, the reference and the kernels compute.
+
+    ``kind="power"``: ``factor · M_p(z)`` with z = x − µ (``centered``) or x; ``kind="topk"``: the mean of the k
+    largest |x − µ| (k capped at the values per channel).
+    """
+
+    kind: str
+    p: float = 2.0
+    centered: bool = False
+    factor: float = 1.0
+    k: int = 1
+
+    def stats(self, x: Tensor) -> ScaleStats:
+        """Batch mean, scale and ds/dx of a (N, C, H, W) tensor in the compute dtype (no autograd)."""
+        if self.kind == "topk":
+            from normzoo.norms.hoffer import topk_stats
+
+            return topk_stats(x, self.k)
+        from normzoo.norms.lp import power_mean_stats
+
+        return power_mean_stats(x, self.p, self.centered, self.factor)
+
+    def reference_scale(self, x: Tensor, mean: Tensor, reduce: ChannelReduce) -> Tensor:
+        """The scale as plain differentiable ops: x (N, C, H, W), mean (1, C, 1, 1) -> (1, C, 1, 1).
+
+        Per-channel reductions go through ``reduce``, so the same code computes the replica-synced statistics.
+        """
+        if self.kind == "topk":
+            return reduce.topk_mean((x - mean).abs(), self.k)
+        from normzoo.norms.lp import reference_power_mean
+
+        return self.factor * reference_power_mean(x - mean if self.centered else x, self.p, reduce)
+
+    def op_args(self) -> tuple[str, float, bool, float, int]:
+        """The scale's arguments of the ``normzoo::batch_scale_norm`` custom op."""
+        return self.kind, self.p, self.centered, self.factor, self.k
+
+
+# -- the eager implementation ----------------------------------------------------------------------------------------
+def scale_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: ScaleSpec,
+                       eps: float) -> tuple[Tensor, ScaleStats, Tensor]:
+    """Train-mode output in a few fused passes, the batch statistics, and d = s + eps (for the backward)."""
+    cdtype = compute_dtype(x.dtype)
+    x4 = as_channels_first_4d(x).to(cdtype)
+    stats = spec.stats(x4)
+    d = stats.scale + eps
+    A = d.reciprocal() if weight is None else weight.to(cdtype) / d
+    beta = torch.zeros_like(d) if bias is None else bias.to(cdtype)
+    if stats.work is not None:  # x − µ is already materialized: scale and shift it in place
+        out = affine_(stats.work, A, beta)
+    elif stats.scratch is not None:
+        out = affine_into(stats.scratch, x4, A, beta - stats.mean * A)
+    else:
+        out = affine(x4, A, beta - stats.mean * A)
+    out = out.to(x.dtype)
+    if out.shape != x.shape:  # (N, C) input; a view must not leave a custom Function (in-place ReLU after it)
+        out = out.reshape(x.shape).clone()
+    return out, stats, d
+
+
+def scale_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, d: Tensor,
+                        scale_grad: ScaleGrad, input_grad: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
+    """dL/dx (None unless ``input_grad``), and dL/dγ, dL/dβ per channel in the compute dtype."""
+    cdtype = compute_dtype(x.dtype)
+    x4 = as_channels_first_4d(x).to(cdtype)
+    g4 = as_channels_first_4d(grad_out).to(cdtype)
+    n = x4.numel() // x4.shape[1]
+    inv = d.reciprocal()
+    sum_g, sum_gy = channel_grad_sums(g4, x4, mean, inv)  # Σg and Σ g·y = dL/dγ
+    dx = None
+    if input_grad:
+        gamma = None if weight is None else weight.to(cdtype)
+        A = inv if gamma is None else gamma * inv
+        C0 = -A * sum_g / n
+        K = -(sum_gy if gamma is None else gamma * sum_gy) * inv  # −G/d
+        dx = scale_grad.input_grad(g4, x4, mean, A, C0, K).to(x.dtype).reshape(x.shape)
+    return dx, sum_gy, sum_g
+
+
 class _BatchScaleNormFn(torch.autograd.Function):
+    """The eager train-mode forward with an analytic backward that saves only x and per-channel statistics."""
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, norm: BatchScaleNorm):
-        cdtype = compute_dtype(x.dtype)
-        x4 = as_channels_first_4d(x).to(cdtype)
-        stats = norm._batch_stats(x4)
-        d = stats.scale + norm.eps
-        A = d.reciprocal() if weight is None else weight.to(cdtype) / d
-        beta = torch.zeros_like(d) if bias is None else bias.to(cdtype)
-        if stats.work is not None:  # x − µ is already materialized: scale and shift it in place
-            out = affine_(stats.work, A, beta)
-        elif stats.scratch is not None:
-            out = affine_into(stats.scratch, x4, A, beta - stats.mean * A)
-        else:
-            out = affine(x4, A, beta - stats.mean * A)
-        out = out.to(x.dtype)
-        if out.shape != x.shape:  # (N, C) input; a view must not leave a custom Function (in-place ReLU after it)
-            out = out.reshape(x.shape).clone()
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: ScaleSpec, eps: float):
+        out, stats, d = scale_norm_forward(x, weight, bias, spec, eps)
         ctx.save_for_backward(x, weight, bias, stats.mean, d)
         ctx.scale_grad = stats.grad
-        ctx.norm = norm
+        ctx.spec, ctx.eps = spec, eps
         ctx.mark_non_differentiable(stats.mean, stats.scale)
         ctx.set_materialize_grads(False)  # no zero tensors for the gradients of mean and scale (never used)
         return out, stats.mean, stats.scale
@@ -226,35 +299,40 @@ class _BatchScaleNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _grad_mean: Any, _grad_scale: Any):
         if grad_out is None:  # not materialized: no gradient reached the output
-            return None, None, None, None
+            return None, None, None, None, None
         x, weight, bias, mean, d = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain reference instead
-            return _reference_grads(ctx.norm, x, weight, bias, grad_out) + (None,)
-        cdtype = compute_dtype(x.dtype)
-        x4 = as_channels_first_4d(x).to(cdtype)
-        g4 = as_channels_first_4d(grad_out).to(cdtype)
-        n = x4.numel() // x4.shape[1]
-        inv = d.reciprocal()
-        sum_g, sum_gy = channel_grad_sums(g4, x4, mean, inv)  # Σg and Σ g·y = dL/dγ
-        gamma = None if weight is None else weight.to(cdtype)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            A = inv if gamma is None else gamma * inv
-            C0 = -A * sum_g / n
-            K = -(sum_gy if gamma is None else gamma * sum_gy) * inv  # −G/d
-            dx = ctx.scale_grad.input_grad(g4, x4, mean, A, C0, K).to(x.dtype).reshape(x.shape)
-        if weight is not None and ctx.needs_input_grad[1]:
-            dw = sum_gy.to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            db = sum_g.to(bias.dtype)
-        return dx, dw, db, None
+            return reference_grads(x, weight, bias, grad_out, ctx.spec, ctx.eps) + (None, None)
+        dx, sum_gy, sum_g = scale_norm_backward(grad_out, x, weight, mean, d, ctx.scale_grad,
+                                                ctx.needs_input_grad[0])
+        dw = sum_gy.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = sum_g.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None
 
 
-def _reference_grads(norm: BatchScaleNorm, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                     grad_out: Tensor) -> tuple[Tensor | None, ...]:
+# -- the plain-autograd reference ------------------------------------------------------------------------------------
+def reference_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: ScaleSpec, eps: float,
+                      reduce: ChannelReduce | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Output, batch mean and batch scale in plain autograd ops, with the statistics taken by ``reduce``."""
+    reduce = reduce or ChannelReduce()
+    cdtype = compute_dtype(x.dtype)
+    x4 = as_channels_first_4d(x).to(cdtype)
+    mean = reduce.mean(x4)
+    scale = spec.reference_scale(x4, mean, reduce)
+    y = (x4 - mean) / (scale + eps)
+    if weight is not None:
+        y = y * channel(weight.to(cdtype))
+    if bias is not None:
+        y = y + channel(bias.to(cdtype))
+    return y.to(x.dtype).reshape(x.shape), mean, scale
+
+
+def reference_grads(x: Tensor, weight: Tensor | None, bias: Tensor | None, grad_out: Tensor, spec: ScaleSpec,
+                    eps: float, reduce: ChannelReduce | None = None) -> tuple[Tensor | None, ...]:
+    """(dx, dγ, dβ) of the reference, differentiable themselves (double backward, e.g. Hessian-vector products)."""
     inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
     with torch.enable_grad():
-        out = norm.reference_forward(x, weight, bias)
+        out = reference_forward(x, weight, bias, spec, eps, reduce)[0]
         grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in (x, weight, bias))
 
@@ -266,9 +344,15 @@ class BatchScaleNorm(nn.Module):
     Train mode normalizes with the batch mean and scale and updates ``running_mean``/``running_scale`` by an
     exponential moving average (``r ← (1 − momentum)·r + momentum·batch``; the scale gets no Bessel correction);
     eval mode uses the running estimates: ``y = γ (x − running_mean)/(running_scale + eps) + β``.
+
+    A subclass sets ``self.scale_spec`` (a :class:`ScaleSpec`) in its constructor. The train-mode forward goes
+    through the ``normzoo::batch_scale_norm`` custom op on CUDA (fused Triton kernels) and whenever
+    ``torch.compile`` traces it (one graph node, no graph break); in eager mode on CPU it calls the eager
+    implementation directly.
     """
 
     traits = NormTraits(batch_dependent=True, running_stats=True, min_values=2)
+    scale_spec: ScaleSpec
 
     def __init__(self, num_features: int, *, eps: NonNegative = 1e-5, affine: bool = True, momentum: Fraction = 0.1,
                  sync: bool = False, device: Any = None, dtype: Any = None) -> None:
@@ -296,18 +380,6 @@ class BatchScaleNorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         self.reset_parameters()
 
-    # -- what subclasses provide ---------------------------------------------------------------------------------
-    def _batch_stats(self, x: Tensor) -> ScaleStats:
-        """Batch mean, scale and ds/dx of a (N, C, H, W) tensor in the compute dtype (no autograd)."""
-        raise NotImplementedError
-
-    def _reference_scale(self, x: Tensor, mean: Tensor, reduce: ChannelReduce) -> Tensor:
-        """The scale as plain differentiable ops: x (N, C, H, W), mean (1, C, 1, 1) -> (1, C, 1, 1).
-
-        Per-channel reductions go through ``reduce``, so the same code computes the replica-synced statistics.
-        """
-        raise NotImplementedError
-
     # -- parameters and running statistics -----------------------------------------------------------------------
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
@@ -331,21 +403,24 @@ class BatchScaleNorm(nn.Module):
         if x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) got {x.shape[1]} channels")
 
-    # Inductor (torch 2.11, Triton on H100) failed to compile the fused statistics of this layer; the eager
-    # custom Function is already a few fused passes, so torch.compile breaks the graph around it instead.
-    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training:
             return self.eval_forward(x)
-        if sync_active(self.sync):  # statistics of every replica's batch: plain ops around differentiable gathers
-            out, mean, scale = self._reference(x, self.weight, self.bias, SyncedChannelReduce())
+        synced = sync_active(self.sync)
+        if kernels.use_triton(x) or torch.compiler.is_compiling():
+            out, mean, scale, _ = ops.batch_scale_norm(x, self.weight, self.bias, *self.scale_spec.op_args(),
+                                                       self.eps, synced)
+        elif synced:  # statistics of every replica's batch: plain ops around differentiable gathers
+            out, mean, scale = reference_forward(x, self.weight, self.bias, self.scale_spec, self.eps,
+                                                 SyncedChannelReduce())
             mean, scale = mean.detach().flatten(), scale.detach().flatten()
         else:
-            out, mean, scale = _BatchScaleNormFn.apply(x, self.weight, self.bias, self)
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-            self.running_scale.lerp_(scale.to(self.running_scale.dtype), self.momentum)
+            out, mean, scale = _BatchScaleNormFn.apply(x, self.weight, self.bias, self.scale_spec, self.eps)
+        with torch.no_grad():  # on the device, no host sync: one foreach kernel for both buffers on CUDA
+            torch._foreach_lerp_((self.running_mean, self.running_scale),
+                                 (mean.to(self.running_mean.dtype), scale.to(self.running_scale.dtype)),
+                                 self.momentum)
             self.num_batches_tracked.add_(1)
         return out
 
@@ -362,21 +437,7 @@ class BatchScaleNorm(nn.Module):
 
     def reference_forward(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """The train-mode output written with plain autograd ops (tests, double backward); no running update."""
-        return self._reference(x, weight, bias, ChannelReduce())[0]
-
-    def _reference(self, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                   reduce: ChannelReduce) -> tuple[Tensor, Tensor, Tensor]:
-        """Output, batch mean and batch scale, in plain autograd ops with the statistics taken by ``reduce``."""
-        cdtype = compute_dtype(x.dtype)
-        x4 = as_channels_first_4d(x).to(cdtype)
-        mean = reduce.mean(x4)
-        scale = self._reference_scale(x4, mean, reduce)
-        y = (x4 - mean) / (scale + self.eps)
-        if weight is not None:
-            y = y * channel(weight.to(cdtype))
-        if bias is not None:
-            y = y + channel(bias.to(cdtype))
-        return y.to(x.dtype).reshape(x.shape), mean, scale
+        return reference_forward(x, weight, bias, self.scale_spec, self.eps)[0]
 
 
 def nan_free_reciprocal(s: Tensor, numerator: float) -> Tensor:

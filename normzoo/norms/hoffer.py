@@ -22,9 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normzoo.distributed import ChannelReduce
-from normzoo.norms._scale import SQRT_HALF_PI, BatchScaleNorm, ScaleStats, SparseScaleGrad, channel_sum
-from normzoo.norms.lp import power_mean_stats, reference_power_mean
+from normzoo.norms._scale import SQRT_HALF_PI, BatchScaleNorm, ScaleSpec, ScaleStats, SparseScaleGrad, channel_sum
 from normzoo.spec import Fraction, NonNegative, PositiveInt
 
 
@@ -35,12 +33,7 @@ class L1BatchNorm(BatchScaleNorm):
                  sync: bool = False, device: Any = None, dtype: Any = None) -> None:
         super().__init__(num_features, eps=eps, affine=affine, momentum=momentum, sync=sync, device=device,
                          dtype=dtype)
-
-    def _batch_stats(self, x: Tensor) -> ScaleStats:
-        return power_mean_stats(x, 1.0, True, SQRT_HALF_PI)
-
-    def _reference_scale(self, x: Tensor, mean: Tensor, reduce: ChannelReduce) -> Tensor:
-        return SQRT_HALF_PI * reference_power_mean(x - mean, 1.0, reduce)
+        self.scale_spec = ScaleSpec("power", 1.0, True, SQRT_HALF_PI)
 
 
 class TopKBatchNorm(BatchScaleNorm):
@@ -57,12 +50,7 @@ class TopKBatchNorm(BatchScaleNorm):
         super().__init__(num_features, eps=eps, affine=affine, momentum=momentum, sync=sync, device=device,
                          dtype=dtype)
         self.k = int(k)
-
-    def _batch_stats(self, x: Tensor) -> ScaleStats:
-        return topk_stats(x, self.k)
-
-    def _reference_scale(self, x: Tensor, mean: Tensor, reduce: ChannelReduce) -> Tensor:
-        return reduce.topk_mean((x - mean).abs(), self.k)
+        self.scale_spec = ScaleSpec("topk", math.inf, True, 1.0, self.k)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, k={self.k}, " + super().extra_repr().split(", ", 1)[1]

@@ -10,9 +10,9 @@ default) or of ``z = x − µ`` (``centered=true``), then the affine γ, β::
 and of the scale M_p (exponential moving averages, no Bessel correction). At p = ∞ the gradient of the max is
 taken at one maximizing element (a subgradient).
 
-The backward is analytic (see ``normzoo.norms._scale``); p = 1, 2 and ∞ have dedicated kernels that avoid ``pow``
-and extra passes, any other p ≥ 1 goes through ``pow``. ``LpNorm.reference_forward`` is the same computation in
-plain autograd ops.
+The backward is analytic (see ``normzoo.norms._scale``); p = 1, 2 and ∞ have dedicated eager code paths that avoid
+``pow`` and extra passes, any other p ≥ 1 goes through ``pow``; on CUDA every p runs in the fused kernels of
+``normzoo.kernels``. ``LpNorm.reference_forward`` is the same computation in plain autograd ops.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from normzoo.norms._scale import (
     BatchScaleNorm,
     LinearScaleGrad,
     PowerScaleGrad,
+    ScaleSpec,
     ScaleStats,
     SignScaleGrad,
     SparseScaleGrad,
@@ -115,12 +116,7 @@ class LpNorm(BatchScaleNorm):
                          dtype=dtype)
         self.p = p
         self.centered = bool(centered)
-
-    def _batch_stats(self, x: Tensor) -> ScaleStats:
-        return power_mean_stats(x, self.p, self.centered)
-
-    def _reference_scale(self, x: Tensor, mean: Tensor, reduce: ChannelReduce) -> Tensor:
-        return reference_power_mean(x - mean if self.centered else x, self.p, reduce)
+        self.scale_spec = ScaleSpec("power", p, self.centered)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, p={self.p}, centered={self.centered}, " + super().extra_repr().split(", ", 1)[1]
