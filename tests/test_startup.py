@@ -72,7 +72,8 @@ def test_a_run_imports_neither_torchvision_nor_timm(warm_cache, tmp_path):
                                           "--dataset", "synthetic,n=32,n_test=16", "--batch-size", "16",
                                           "--steps", "1", "--device", "cpu", "--out", {str(tmp_path)!r}, "--quiet"])
         assert result.exit_code == 0, result.output
-        print(json.dumps(sorted(m for m in ("torchvision", "timm", "torch._dynamo", "matplotlib", "triton")
+        # torch._dynamo is not on the list: torch.optim's Optimizer.__init__ imports it on first use.
+        print(json.dumps(sorted(m for m in ("torchvision", "timm", "matplotlib")
                                 if m in sys.modules)))
     """, warm_cache)
     assert done.returncode == 0, done.stderr
