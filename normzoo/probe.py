@@ -72,28 +72,48 @@ class Probe:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Iterator[None]:
-    """Snapshot parameters, buffers, gradients, train/eval mode, optimizer state and RNG; restore on exit."""
-    params = [p.detach().clone() for p in model.parameters()]
-    grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
-    buffers = [b.detach().clone() for b in model.buffers()]
+    """Snapshot parameters, buffers, gradients, train/eval mode, optimizer state and RNG; restore on exit.
+
+    The snapshot is a fused ``torch._foreach_copy_`` (one per device and dtype) into uninitialized buffers
+    (``empty_like``, same strides) and the restore a fused copy back, instead of a clone and a copy kernel per
+    tensor: on a GPU the per-tensor launches cost more than the copies. The restore writes into the original tensors, so gradients and optimizer
+    state are the very tensor objects the run had (a probe that accumulated into ``.grad`` or stepped the
+    optimizer in place is undone), and state entries a probe created are dropped.
+    """
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    buffers = list(model.buffers())
     modes = [m.training for m in model.modules()]
-    opt_state = None
+    opt_state: dict[Any, dict[str, Any]] = {}
     if optimizer is not None:
-        opt_state = {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-                     for k, s in optimizer.state.items()}
+        opt_state = {k: dict(s) for k, s in optimizer.state.items()}
+    live = params + [g for g in grads if g is not None] + buffers + [
+        v for s in opt_state.values() for v in s.values() if torch.is_tensor(v)]
+    saved = [torch.empty_like(t) for t in live]
+    _copy_all(saved, live)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, saved, g in zip(model.parameters(), params, grads):
-                    p.copy_(saved)
-                    p.grad = g
-                for b, saved in zip(model.buffers(), buffers):
-                    b.copy_(saved)
-            for m, mode in zip(model.modules(), modes):
-                m.training = mode
-            if optimizer is not None and opt_state is not None:
+            for p, g in zip(params, grads):
+                p.grad = g
+            if optimizer is not None:
                 optimizer.state.clear()
                 optimizer.state.update(opt_state)
+            _copy_all(live, saved)
+            for m, mode in zip(model.modules(), modes):
+                m.training = mode
+
+
+@torch.no_grad()
+def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``d.copy_(s)`` for every pair, as one ``_foreach_copy_`` per (device, dtype): the fused kernel's fast path
+    wants one of each (optimizer state mixes them, e.g. Adam's CPU ``step`` counters next to CUDA moments)."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for d, s in zip(destinations, sources):
+        pair = groups.setdefault((d.device, d.dtype), ([], []))
+        pair[0].append(d)
+        pair[1].append(s)
+    for dst, src in groups.values():
+        torch._foreach_copy_(dst, src)

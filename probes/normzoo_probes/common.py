@@ -70,10 +70,32 @@ def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: 
 def flat_norm(tensors: Sequence[torch.Tensor]) -> float:
     """ℓ2 norm of several tensors seen as one vector: per-tensor norms in one fused call (as
     ``clip_grad_norm_`` does), combined in float64."""
+    return float(flat_norm_tensor(tensors)) if tensors else 0.0
+
+
+def flat_norm_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`flat_norm` as a float64 scalar tensor on the tensors' device: no host sync, so a loop can collect
+    many and convert them once (:func:`to_floats`)."""
     if not tensors:
-        return 0.0
+        return torch.zeros((), dtype=torch.float64)
     norms = torch._foreach_norm([t.detach() for t in tensors])
-    return float(torch.linalg.vector_norm(torch.stack([n.double() for n in norms])))
+    return torch.linalg.vector_norm(torch.stack([n.double() for n in norms]))
+
+
+def to_floats(scalars: Sequence[torch.Tensor]) -> list[float]:
+    """Scalar tensors (one device) as Python floats with one device-to-host transfer instead of one per value:
+    on a GPU each ``float(t)`` waits for the queue to drain, which costs more than the small kernels themselves."""
+    if not scalars:
+        return []
+    return torch.stack([s.detach().double().reshape(()) for s in scalars]).tolist()
+
+
+def clone_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Detached copies (same strides) made by one fused ``_foreach_copy_`` rather than a clone per tensor."""
+    copies = [torch.empty_like(t) for t in tensors]
+    if copies:
+        torch._foreach_copy_(copies, [t.detach() for t in tensors])
+    return copies
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -16,7 +16,8 @@ import torch
 
 from normzoo.errors import SpecError
 from normzoo.probe import Probe, ProbeContext, Values, preserved_state
-from normzoo_probes.common import batch_loss, flat_norm, gradients, rng_rewinder, seeded_generator, trainable
+from normzoo_probes.common import (batch_loss, clone_all, flat_norm, flat_norm_tensor, gradients, rng_rewinder,
+                                   seeded_generator, to_floats, trainable)
 
 
 def check_grid(probe: str, steps: int, lo: float, hi: float) -> None:
@@ -40,16 +41,18 @@ def step_sizes(lr: float, steps: int, lo: float, hi: float) -> list[float]:
 @torch.no_grad()
 def move_to(params: Sequence[torch.Tensor], theta: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
             eta: float) -> None:
-    """Set the parameters to θ − η·direction in place (from the saved θ, so no error accumulates)."""
-    for p, t, d in zip(params, theta, direction):
-        p.copy_(t).sub_(d, alpha=eta)
+    """Set the parameters to θ − η·direction in place (from the saved θ, so no error accumulates), with two fused
+    multi-tensor kernels rather than two per parameter."""
+    torch._foreach_copy_(list(params), list(theta))
+    torch._foreach_sub_(list(params), list(direction), alpha=eta)
 
 
-def loss_and_gradient(ctx: ProbeContext) -> tuple[float, list[torch.Tensor]]:
-    """L and ∇L on the probe's batch at the current parameters (one forward and one backward)."""
+def loss_and_gradient(ctx: ProbeContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """L (a detached scalar tensor: no host sync) and ∇L on the probe's batch at the current parameters (one
+    forward and one backward)."""
     loss = batch_loss(ctx)
     grads = gradients(loss, trainable(ctx.model))
-    return float(loss.detach()), [g.detach() for g in grads]
+    return loss.detach(), [g.detach() for g in grads]
 
 
 def band(values: Sequence[float]) -> tuple[float, float]:
@@ -63,23 +66,25 @@ class GradientWalk:
     """L and g = ∇L at θ on the probe's batch, then L (and ∇L) at θ − η·g for any η.
 
     Every evaluation starts from the saved θ and the same RNG state (same dropout masks and noisy-bn noise), so
-    the differences come from the step alone. The caller restores θ (:func:`preserved_state`).
+    the differences come from the step alone. The caller restores θ (:func:`preserved_state`). Losses come back
+    as scalar tensors, so a loop over step sizes never waits for the device; convert once with
+    :func:`~normzoo_probes.common.to_floats`.
     """
 
     def __init__(self, ctx: ProbeContext) -> None:
         self.ctx = ctx
         self.rewind = rng_rewinder()
         self.params = trainable(ctx.model)
-        self.theta = [p.detach().clone() for p in self.params]
+        self.theta = clone_all(self.params)
         self.loss, self.grad = loss_and_gradient(ctx)
 
-    def evaluate_at(self, eta: float, *, with_gradient: bool) -> tuple[float, list[torch.Tensor] | None]:
+    def evaluate_at(self, eta: float, *, with_gradient: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         move_to(self.params, self.theta, self.grad, eta)
         self.rewind()
         if with_gradient:
             return loss_and_gradient(self.ctx)
         with torch.no_grad():
-            return float(batch_loss(self.ctx)), None
+            return batch_loss(self.ctx).detach(), None
 
 
 class LandscapeProbe(Probe):
@@ -107,16 +112,21 @@ class LandscapeProbe(Probe):
         etas = step_sizes(ctx.lr, self.steps, self.lo, self.hi)
         with preserved_state(ctx.model, ctx.optimizer):
             walk = GradientWalk(ctx)
-            losses, distances = [], []
-            for eta in etas:
-                loss_eta, grad_eta = walk.evaluate_at(eta, with_gradient=True)
-                losses.append(loss_eta)
-                distances.append(flat_norm(torch._foreach_sub(walk.grad, grad_eta)))
-            grad_norm = flat_norm(walk.grad)
-            values = self._summarise(walk.loss, grad_norm, etas, losses, distances)
+            values = self._plain(walk, etas)
             if self.directions:
-                values |= self._random_band(ctx, walk.params, walk.theta, grad_norm, etas, walk.rewind)
+                values |= self._random_band(ctx, walk.params, walk.theta, flat_norm(walk.grad), etas, walk.rewind)
         return values
+
+    @staticmethod
+    def _plain(walk: GradientWalk, etas: list[float]) -> Values:
+        losses, distances = [], []
+        for eta in etas:
+            loss_eta, grad_eta = walk.evaluate_at(eta, with_gradient=True)
+            losses.append(loss_eta)
+            distances.append(flat_norm_tensor(torch._foreach_sub(walk.grad, grad_eta)))
+        # Every per-step value stayed on the device; one transfer brings them all to the host.
+        loss, grad_norm, *rest = to_floats([walk.loss, flat_norm_tensor(walk.grad), *losses, *distances])
+        return LandscapeProbe._summarise(loss, grad_norm, etas, rest[:len(etas)], rest[len(etas):])
 
     @staticmethod
     def _summarise(loss: float, grad_norm: float, etas: list[float], losses: list[float],
@@ -127,8 +137,7 @@ class LandscapeProbe(Probe):
         dist_min, dist_max = band(distances)
         return {"loss": loss, "grad_norm": grad_norm, "step_sizes": etas, "losses": losses,
                 "grad_distances": distances, "loss_min": loss_min, "loss_max": loss_max,
-                "grad_dist_min": dist_min, "grad_dist_max": dist_max,
-                "beta": max(ratios) if ratios else math.nan}
+                "grad_dist_min": dist_min, "grad_dist_max": dist_max, "beta": _max_or_nan(ratios)}
 
     def _random_band(self, ctx: ProbeContext, params: list[torch.nn.Parameter], theta: list[torch.Tensor],
                      grad_norm: float, etas: list[float], rewind: Callable[[], None]) -> Values:
@@ -142,6 +151,10 @@ class LandscapeProbe(Probe):
                 move_to(params, theta, direction, eta * scale)
                 rewind()
                 with torch.no_grad():
-                    losses.append(float(batch_loss(ctx)))
-        low, high = band(losses)
+                    losses.append(batch_loss(ctx).detach())
+        low, high = band(to_floats(losses))
         return {"random_loss_min": low, "random_loss_max": high}
+
+
+def _max_or_nan(values: list[float]) -> float:
+    return max(values) if values else math.nan
