@@ -38,6 +38,10 @@ class ProbeContext:
     lr: float
     step: int
     total_steps: int
+    # The whole training set (device-resident, un-augmented), for probes that measure on a fixed subset of it
+    # rather than on the step's batch; None when the caller has none to give (probes must then say so).
+    train_inputs: torch.Tensor | None = None
+    train_targets: torch.Tensor | None = None
 
 
 class Probe:

@@ -16,10 +16,10 @@ from normzoo.plugins import get_plugins, registry
 from normzoo.probe import ProbeContext
 from normzoo.runner import train
 
-EXPECTED = {"ics", "landscape", "activations", "grad-norms", "depth-scaling", "step-loss", "hessian"}
+EXPECTED = {"ics", "landscape", "activations", "grad-norms", "depth-scaling", "step-loss", "hessian", "sharpness"}
 # Small settings so that every probe runs in well under a second on a tiny VGG.
 SMALL = {"landscape": "landscape:steps=3", "hessian": "hessian:iters=3,trace_samples=2",
-         "step-loss": "step-loss:steps=3"}
+         "step-loss": "step-loss:steps=3", "sharpness": "sharpness:iters=3,top=2"}
 
 
 def test_probes_come_from_the_normzoo_probes_distribution():

@@ -55,10 +55,15 @@ def own_params(module: nn.Module) -> list[nn.Parameter]:
 
 def batch_loss(ctx: ProbeContext) -> torch.Tensor:
     """The training loss on the probe's batch, in the model's current mode (half outputs upcast to float32)."""
-    out = ctx.model(ctx.inputs)
+    return loss_on(ctx, ctx.inputs, ctx.targets)
+
+
+def loss_on(ctx: ProbeContext, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss of ``ctx.model`` on any batch, in the model's current mode (half outputs upcast)."""
+    out = ctx.model(inputs)
     if out.dtype in (torch.float16, torch.bfloat16):
         out = out.float()
-    return ctx.loss_fn(out, ctx.targets)
+    return ctx.loss_fn(out, targets)
 
 
 def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:

@@ -12,8 +12,9 @@ def register_probes(register) -> None:
     from normzoo_probes.hessian import HessianProbe
     from normzoo_probes.ics import ICSProbe
     from normzoo_probes.landscape import LandscapeProbe
+    from normzoo_probes.sharpness import SharpnessProbe
     from normzoo_probes.step_loss import StepLossProbe
 
     for probe in (ICSProbe, LandscapeProbe, ActivationsProbe, GradNormsProbe, DepthScalingProbe, StepLossProbe,
-                  HessianProbe):
+                  HessianProbe, SharpnessProbe):
         register(probe.name, probe, summary=probe.summary, reference=probe.reference)
