@@ -16,7 +16,8 @@ from normzoo.plugins import get_plugins, registry
 from normzoo.probe import ProbeContext
 from normzoo.runner import train
 
-EXPECTED = {"ics", "landscape", "activations", "grad-norms", "depth-scaling", "step-loss", "hessian", "sharpness"}
+EXPECTED = {"ics", "landscape", "activations", "grad-norms", "depth-scaling", "step-loss", "hessian", "sharpness",
+            "effective-lr"}
 # Small settings so that every probe runs in well under a second on a tiny VGG.
 SMALL = {"landscape": "landscape:steps=3", "hessian": "hessian:iters=3,trace_samples=2",
          "step-loss": "step-loss:steps=3", "sharpness": "sharpness:iters=3,top=2"}
