@@ -19,7 +19,7 @@ from normzoo.runner import train
 EXPECTED = {"ics", "landscape", "activations", "grad-norms", "depth-scaling", "step-loss", "hessian", "sharpness",
             "effective-lr"}
 # Small settings so that every probe runs in well under a second on a tiny VGG.
-SMALL = {"landscape": "landscape:steps=3", "hessian": "hessian:iters=3,trace_samples=2",
+SMALL = {"landscape": "landscape:steps=3,view=both", "hessian": "hessian:iters=3,trace_samples=2",
          "step-loss": "step-loss:steps=3", "sharpness": "sharpness:iters=3,top=2"}
 
 

@@ -5,12 +5,17 @@ At θ with gradient g = ∇L(θ) on the step's batch, the probe walks θ − η 
 gradient changes (gradient predictiveness) and the largest ‖∇L(θ) − ∇L(θ − η g)‖ / ‖η g‖ (effective
 β-smoothness). The helpers here (step-size grid, moving θ along a direction, replaying the RNG) are shared
 with :mod:`normzoo_probes.step_loss`, which walks the same line.
+
+``view=sphere`` (or ``both``) adds the scale-invariant view of :mod:`normzoo_probes.sphere`: the same walk in the
+coordinates w/‖w‖ of every weight a normalization makes scale-invariant, with gradients rescaled by ‖w‖, so that
+``sphere_beta`` does not depend on how long those weights have grown (plain β goes as 1/‖w‖²).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
@@ -18,6 +23,7 @@ from normzoo.errors import SpecError
 from normzoo.probe import Probe, ProbeContext, Values, preserved_state
 from normzoo_probes.common import (batch_loss, clone_all, flat_norm, flat_norm_tensor, gradients, rng_rewinder,
                                    seeded_generator, to_floats, trainable)
+from normzoo_probes.scale_invariance import InvarianceCache, check_tol
 
 
 def check_grid(probe: str, steps: int, lo: float, hi: float) -> None:
@@ -87,6 +93,9 @@ class GradientWalk:
             return batch_loss(self.ctx).detach(), None
 
 
+VIEWS = ("plain", "sphere", "both")
+
+
 class LandscapeProbe(Probe):
     """Loss variation, gradient predictiveness and effective β-smoothness along −∇L.
 
@@ -94,6 +103,13 @@ class LandscapeProbe(Probe):
     comparison, forwards along that many random directions scaled to ‖g‖ (k forwards each). Evaluated in the
     model's current mode (train mode during training, so BN uses batch statistics as in the paper); θ,
     buffers, gradients, optimizer state and RNG are restored afterwards.
+
+    ``view=plain`` (default) walks θ − ηg and reports ``beta``; ``view=sphere`` walks on the sphere of each
+    scale-invariant weight with gradients rescaled by ‖w‖ (:mod:`normzoo_probes.sphere`) and reports
+    ``sphere_beta``, ``sphere_grad_norm``, ``sphere_losses``, ``sphere_grad_distances`` and ``sphere_layers``;
+    ``view=both`` does both. The sphere walk costs another k forward+backward passes, plus, at the first
+    measurement of a run, one forward per weighted layer to find the scale-invariant ones — so it is opt-in,
+    keeping the default probe at k + 1 passes.
     """
 
     name = "landscape"
@@ -101,18 +117,28 @@ class LandscapeProbe(Probe):
     reference = "Santurkar et al. 2018, How Does Batch Normalization Help Optimization?, §3.2 and App. A.2.2"
 
     def __init__(self, *, steps: int = 8, lo: float = 0.5, hi: float = 4.0, directions: int = 0, seed: int = 0,
+                 view: Literal["plain", "sphere", "both"] = "plain", invariance_tol: float = 1e-3,
                  **schedule) -> None:
         super().__init__(**schedule)
         check_grid(self.name, steps, lo, hi)
         if directions < 0:
             raise SpecError(f"{self.name}: directions must be ≥ 0, got {directions}")
+        if view not in VIEWS:
+            raise SpecError(f"{self.name}: view must be one of {', '.join(VIEWS)}, got '{view}'")
         self.steps, self.lo, self.hi, self.directions, self.seed = steps, lo, hi, directions, seed
+        self.view = view
+        check_tol(self.name, invariance_tol)
+        self._invariance = InvarianceCache(invariance_tol)  # the sphere view's scale-invariant layers, once per run
 
     def measure(self, ctx: ProbeContext) -> Values:
         etas = step_sizes(ctx.lr, self.steps, self.lo, self.hi)
+        values: Values = {}
         with preserved_state(ctx.model, ctx.optimizer):
             walk = GradientWalk(ctx)
-            values = self._plain(walk, etas)
+            if self.view != "sphere":
+                values = self._plain(walk, etas)
+            if self.view != "plain":
+                values |= self._sphere(ctx, walk, etas, values)
             if self.directions:
                 values |= self._random_band(ctx, walk.params, walk.theta, flat_norm(walk.grad), etas, walk.rewind)
         return values
@@ -127,6 +153,24 @@ class LandscapeProbe(Probe):
         # Every per-step value stayed on the device; one transfer brings them all to the host.
         loss, grad_norm, *rest = to_floats([walk.loss, flat_norm_tensor(walk.grad), *losses, *distances])
         return LandscapeProbe._summarise(loss, grad_norm, etas, rest[:len(etas)], rest[len(etas):])
+
+    def _sphere(self, ctx: ProbeContext, walk: GradientWalk, etas: list[float], plain: Values) -> Values:
+        # Imported here: sphere builds on this module's GradientWalk.
+        from normzoo_probes.sphere import SphereWalk, invariant_weights
+
+        invariant = invariant_weights(ctx, self._invariance)
+        names = [name for name, _ in invariant]
+        if not invariant and plain:  # no sphere anywhere: the sphere walk is the plain walk
+            return {"sphere_beta": plain["beta"], "sphere_grad_norm": plain["grad_norm"],
+                    "sphere_losses": plain["losses"], "sphere_grad_distances": plain["grad_distances"],
+                    "sphere_layers": names}
+        sphere = SphereWalk(walk, [w for _, w in invariant])
+        pairs = [sphere.evaluate_at(eta) for eta in etas]
+        grad_norm, *rest = to_floats([sphere.grad_norm, *(loss for loss, _ in pairs), *(d for _, d in pairs)])
+        losses, distances = rest[:len(etas)], rest[len(etas):]
+        ratios = [d / (eta * grad_norm) for d, eta in zip(distances, etas) if eta * grad_norm > 0]
+        return {"sphere_beta": _max_or_nan(ratios), "sphere_grad_norm": grad_norm, "sphere_losses": losses,
+                "sphere_grad_distances": distances, "sphere_layers": names}
 
     @staticmethod
     def _summarise(loss: float, grad_norm: float, etas: list[float], losses: list[float],
