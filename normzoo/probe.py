@@ -79,33 +79,35 @@ def preserved_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     """Snapshot parameters, buffers, gradients, train/eval mode, optimizer state and RNG; restore on exit.
 
     The snapshot is a fused ``torch._foreach_copy_`` (one per device and dtype) into uninitialized buffers
-    (``empty_like``, same strides) and the restore a fused copy back, instead of a clone and a copy kernel per
-    tensor: on a GPU the per-tensor launches cost more than the copies. The restore writes into the original tensors, so gradients and optimizer
-    state are the very tensor objects the run had (a probe that accumulated into ``.grad`` or stepped the
-    optimizer in place is undone), and state entries a probe created are dropped.
+    (``empty_like``, same strides) instead of a clone per tensor: on a GPU the per-tensor launches cost more than
+    the copies. On exit parameters and buffers are copied back in place the same way (the model's tensors must
+    stay the ones the optimizer and any compiled graph hold), while gradients and optimizer state are simply
+    replaced by their snapshots — no copy at all, whatever the probe did to the old ones (accumulated into
+    ``.grad``, stepped the optimizer); state entries a probe created are dropped.
     """
     params = list(model.parameters())
     grads = [p.grad for p in params]
     buffers = list(model.buffers())
     modes = [m.training for m in model.modules()]
-    opt_state: dict[Any, dict[str, Any]] = {}
-    if optimizer is not None:
-        opt_state = {k: dict(s) for k, s in optimizer.state.items()}
-    live = params + [g for g in grads if g is not None] + buffers + [
-        v for s in opt_state.values() for v in s.values() if torch.is_tensor(v)]
-    saved = [torch.empty_like(t) for t in live]
-    _copy_all(saved, live)
+    opt_state = {k: dict(s) for k, s in optimizer.state.items()} if optimizer is not None else {}
+    in_place = params + buffers
+    swapped = [g for g in grads if g is not None] + [v for s in opt_state.values() for v in s.values()
+                                                     if torch.is_tensor(v)]
+    saved = [torch.empty_like(t) for t in in_place + swapped]
+    _copy_all(saved, in_place + swapped)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:
+            _copy_all(in_place, saved[:len(in_place)])
+            copies = iter(saved[len(in_place):])  # in the order ``swapped`` listed them
             for p, g in zip(params, grads):
-                p.grad = g
+                p.grad = None if g is None else next(copies)
             if optimizer is not None:
                 optimizer.state.clear()
-                optimizer.state.update(opt_state)
-            _copy_all(live, saved)
+                optimizer.state.update({k: {n: next(copies) if torch.is_tensor(v) else v for n, v in s.items()}
+                                        for k, s in opt_state.items()})
             for m, mode in zip(model.modules(), modes):
                 m.training = mode
 

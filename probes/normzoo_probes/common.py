@@ -88,11 +88,18 @@ def flat_norm_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def to_floats(scalars: Sequence[torch.Tensor]) -> list[float]:
-    """Scalar tensors (one device) as Python floats with one device-to-host transfer instead of one per value:
-    on a GPU each ``float(t)`` waits for the queue to drain, which costs more than the small kernels themselves."""
-    if not scalars:
-        return []
-    return torch.stack([s.detach().double().reshape(()) for s in scalars]).tolist()
+    """Scalar tensors as Python floats with one device-to-host transfer per device instead of one per value: on a
+    GPU each ``float(t)`` waits for the queue to drain, which costs more than the small kernels themselves. (A few
+    values may live on the CPU, e.g. the norm of an empty list, so the values are grouped by device.)"""
+    positions: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(scalars):
+        positions.setdefault(s.device, []).append(i)
+    out = [0.0] * len(scalars)
+    for where in positions.values():
+        values = torch.stack([scalars[i].detach().double().reshape(()) for i in where]).tolist()
+        for i, value in zip(where, values):
+            out[i] = value
+    return out
 
 
 def clone_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
