@@ -504,7 +504,8 @@ class Trainer:
         due = [(name, probe) for name, probe in zip(self.probe_names, self.probes) if probe.due(step, self.total)]
         if not due:
             return
-        context = ProbeContext(self.model, self.loss_fn, x, y, self.optimizer, lr, step, self.total)
+        context = ProbeContext(self.model, self.loss_fn, x, y, self.optimizer, lr, step, self.total,
+                               train_inputs=self.train_x, train_targets=self.train_y)
         scope = {"replicas": self.replicas.describe(len(y))} if self.replicas.active else {}
         for name, probe in due:
             self.sync()

@@ -16,10 +16,11 @@ from normzoo.plugins import get_plugins, registry
 from normzoo.probe import ProbeContext
 from normzoo.runner import train
 
-EXPECTED = {"ics", "landscape", "activations", "grad-norms", "depth-scaling", "step-loss", "hessian"}
+EXPECTED = {"ics", "landscape", "activations", "grad-norms", "depth-scaling", "step-loss", "hessian", "sharpness",
+            "effective-lr"}
 # Small settings so that every probe runs in well under a second on a tiny VGG.
-SMALL = {"landscape": "landscape:steps=3", "hessian": "hessian:iters=3,trace_samples=2",
-         "step-loss": "step-loss:steps=3"}
+SMALL = {"landscape": "landscape:steps=3,view=both", "hessian": "hessian:iters=3,trace_samples=2",
+         "step-loss": "step-loss:steps=3", "sharpness": "sharpness:iters=3,top=2"}
 
 
 def test_probes_come_from_the_normzoo_probes_distribution():
@@ -118,3 +119,32 @@ def test_bad_probe_spec_is_one_line(tmp_path):
                                    "--out", str(tmp_path)])
     assert out.exit_code == 2
     assert "landscape" in out.output and "Traceback" not in out.output
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    lambda params: torch.optim.Adam(params, lr=1e-3),  # tensor `step` counters next to the moments
+], ids=["sgd", "adam"])
+def test_preserved_state_undoes_in_place_changes(make_optimizer):
+    """The fused snapshot restores gradients accumulated in place, an optimizer step (in-place moments, counters),
+    running statistics, a hand-edited parameter, train/eval modes and the RNG."""
+    from normzoo.probe import preserved_state
+
+    torch.manual_seed(0)
+    model = build_model("vgg11,width=0.0625", norm="bn", num_classes=4, in_chans=3).train()
+    optimizer = make_optimizer(model.parameters())
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    loss_fn = torch.nn.functional.cross_entropy
+    loss_fn(model(x), y).backward()
+    optimizer.step()
+    model.classifier.weight.grad = None  # a parameter without a gradient must stay without one
+    before = snapshot(model, optimizer)
+    with preserved_state(model, optimizer):
+        loss_fn(model(x), y).backward()  # accumulates into the existing .grad tensors in place
+        optimizer.step()
+        with torch.no_grad():
+            model.features[0].weight.mul_(3.0)
+        model.eval()
+        torch.randn(5)
+    assert_identical(before, snapshot(model, optimizer))
+    assert model.classifier.weight.grad is None

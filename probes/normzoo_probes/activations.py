@@ -32,7 +32,8 @@ SIDES = ("in", "out")
 
 @dataclass(frozen=True)
 class ChannelStats:
-    """Per-channel mean and population variance (float64, CPU) of one activation tensor."""
+    """Per-channel mean and population variance (float64; on the activation's device from :meth:`of`, on the CPU
+    after :meth:`to_cpu`) of one activation tensor."""
 
     mean: torch.Tensor
     var: torch.Tensor
@@ -48,7 +49,17 @@ class ChannelStats:
             mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
         else:
             var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != channel_dim], correction=0)
-        return cls(mean.double().cpu(), var.double().cpu())
+        return cls(mean.double(), var.double())
+
+    @staticmethod
+    def to_cpu(stats: list[ChannelStats]) -> list[ChannelStats]:
+        """The statistics on the CPU with one device-to-host copy for all of them (one per tensor would make the
+        host wait for the device at every layer)."""
+        if not stats:
+            return []
+        tensors = [t for s in stats for t in (s.mean, s.var)]
+        pieces = torch.cat(tensors).cpu().split([t.numel() for t in tensors])
+        return [ChannelStats(pieces[2 * i], pieces[2 * i + 1]) for i in range(len(stats))]
 
     def layer_mean(self) -> float:
         return float(self.mean.mean())
@@ -114,6 +125,8 @@ class ActivationsProbe(Probe):
 
         with preserved_state(ctx.model, ctx.optimizer), torch.no_grad(), forward_hooks(tracked, record):
             ctx.model(ctx.inputs)
+        on_cpu = iter(ChannelStats.to_cpu([s[side] for s in stats.values() for side in SIDES]))
+        stats = {name: {side: next(on_cpu) for side in SIDES} for name in stats}
         values: Values = {"layers": list(stats)}
         for side in SIDES:
             values[f"{side}_mean"] = [s[side].layer_mean() for s in stats.values()]

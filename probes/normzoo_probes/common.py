@@ -55,10 +55,15 @@ def own_params(module: nn.Module) -> list[nn.Parameter]:
 
 def batch_loss(ctx: ProbeContext) -> torch.Tensor:
     """The training loss on the probe's batch, in the model's current mode (half outputs upcast to float32)."""
-    out = ctx.model(ctx.inputs)
+    return loss_on(ctx, ctx.inputs, ctx.targets)
+
+
+def loss_on(ctx: ProbeContext, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss of ``ctx.model`` on any batch, in the model's current mode (half outputs upcast)."""
+    out = ctx.model(inputs)
     if out.dtype in (torch.float16, torch.bfloat16):
         out = out.float()
-    return ctx.loss_fn(out, ctx.targets)
+    return ctx.loss_fn(out, targets)
 
 
 def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:
@@ -70,10 +75,39 @@ def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: 
 def flat_norm(tensors: Sequence[torch.Tensor]) -> float:
     """ℓ2 norm of several tensors seen as one vector: per-tensor norms in one fused call (as
     ``clip_grad_norm_`` does), combined in float64."""
+    return float(flat_norm_tensor(tensors)) if tensors else 0.0
+
+
+def flat_norm_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`flat_norm` as a float64 scalar tensor on the tensors' device: no host sync, so a loop can collect
+    many and convert them once (:func:`to_floats`)."""
     if not tensors:
-        return 0.0
+        return torch.zeros((), dtype=torch.float64)
     norms = torch._foreach_norm([t.detach() for t in tensors])
-    return float(torch.linalg.vector_norm(torch.stack([n.double() for n in norms])))
+    return torch.linalg.vector_norm(torch.stack([n.double() for n in norms]))
+
+
+def to_floats(scalars: Sequence[torch.Tensor]) -> list[float]:
+    """Scalar tensors as Python floats with one device-to-host transfer per device instead of one per value: on a
+    GPU each ``float(t)`` waits for the queue to drain, which costs more than the small kernels themselves. (A few
+    values may live on the CPU, e.g. the norm of an empty list, so the values are grouped by device.)"""
+    positions: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(scalars):
+        positions.setdefault(s.device, []).append(i)
+    out = [0.0] * len(scalars)
+    for where in positions.values():
+        values = torch.stack([scalars[i].detach().double().reshape(()) for i in where]).tolist()
+        for i, value in zip(where, values):
+            out[i] = value
+    return out
+
+
+def clone_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Detached copies (same strides) made by one fused ``_foreach_copy_`` rather than a clone per tensor."""
+    copies = [torch.empty_like(t) for t in tensors]
+    if copies:
+        torch._foreach_copy_(copies, [t.detach() for t in tensors])
+    return copies
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

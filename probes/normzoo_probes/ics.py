@@ -34,8 +34,8 @@ from torch import nn
 
 from normzoo.errors import SpecError
 from normzoo.probe import Probe, ProbeContext, Values, preserved_state
-from normzoo_probes.common import (batch_loss, forward_hooks, gradients, own_params, rng_rewinder,
-                                   tracked_layers)
+from normzoo_probes.common import (batch_loss, clone_all, forward_hooks, gradients, own_params, rng_rewinder,
+                                   to_floats, tracked_layers)
 
 MOVES = ("upstream", "tracked")
 
@@ -77,16 +77,19 @@ class ICSProbe(Probe):
             before_grads = {name: [_grad_or_zeros(p) for p in own_params(modules[name])] for name in inputs_of}
             before, after = _optimizer_update(ctx.optimizer, params)
             current: set[int] = set()
-            rows = []
+            sums = []
             for name, ids in moved.items():
                 g = before_grads[name]
                 if not ids:
-                    rows.append(_compare(g, g))
+                    sums.append(_sums(g, g))
                     continue
                 _set_params(params, before, after, changed=current ^ ids, moved=ids)
                 current = ids
                 rewind()
-                rows.append(_compare(g, gradients(batch_loss(ctx), own_params(modules[name]))))
+                sums.append(_sums(g, gradients(batch_loss(ctx), own_params(modules[name]))))
+            # Every layer's sums stayed on the device; one transfer brings them all to the host.
+            flat = to_floats([value for row in sums for value in row])
+        rows = [_compare(*flat[i:i + 4]) for i in range(0, len(flat), 4)]
         return {"layers": list(moved), **{key: [row[k] for row in rows]
                                           for k, key in enumerate(("l2", "cos", "rel_l2", "grad_norm"))}}
 
@@ -133,11 +136,10 @@ def _optimizer_update(optimizer: torch.optim.Optimizer, params: Sequence[nn.Para
     """Run the real optimizer step on the gradients in ``.grad``; return the parameters before it and (by id)
     after it, with the model put back to the parameters before it. The optimizer's state is left advanced —
     the caller's :func:`preserved_state` restores it."""
-    before = [p.detach().clone() for p in params]
+    before = clone_all(params)
     optimizer.step()
-    after = {id(p): p.detach().clone() for p in params}
-    for p, saved in zip(params, before):
-        p.copy_(saved)
+    after = dict(zip(map(id, params), clone_all(params)))
+    torch._foreach_copy_(list(params), before)
     return before, after
 
 
@@ -145,23 +147,27 @@ def _optimizer_update(optimizer: torch.optim.Optimizer, params: Sequence[nn.Para
 def _set_params(params: Sequence[nn.Parameter], before: Sequence[torch.Tensor], after: dict[int, torch.Tensor],
                 *, changed: set[int], moved: set[int]) -> None:
     """Put each parameter whose id is in ``changed`` at its updated value if in ``moved``, else its old one."""
-    for p, old in zip(params, before):
-        if id(p) in changed:
-            p.copy_(after[id(p)] if id(p) in moved else old)
+    pairs = [(p, after[id(p)] if id(p) in moved else old) for p, old in zip(params, before) if id(p) in changed]
+    if pairs:
+        torch._foreach_copy_([p for p, _ in pairs], [value for _, value in pairs])
 
 
 def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
 
 
-def _compare(g: Sequence[torch.Tensor], g_moved: Sequence[torch.Tensor]) -> tuple[float, float, float, float]:
-    """(‖g − g'‖, cos(g, g'), ‖g − g'‖/‖g‖, ‖g‖) with each list of tensors seen as one vector, in float64."""
+def _sums(g: Sequence[torch.Tensor], g_moved: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """(‖g − g'‖, ‖g‖, ‖g'‖, ⟨g, g'⟩) as float64 scalar tensors, each list of tensors seen as one vector."""
     a, b = _flat(g), _flat(g_moved)
-    l2, na, nb = (float(torch.linalg.vector_norm(v)) for v in (a - b, a, b))
+    return [*(torch.linalg.vector_norm(v) for v in (a - b, a, b)), a @ b]
+
+
+def _compare(l2: float, na: float, nb: float, dot: float) -> tuple[float, float, float, float]:
+    """(‖g − g'‖, cos(g, g'), ‖g − g'‖/‖g‖, ‖g‖) from :func:`_sums`."""
     if na == 0 or nb == 0:
         cos = 1.0 if na == nb else 0.0
     else:
-        cos = 1.0 if l2 == 0 else max(-1.0, min(1.0, float(a @ b) / (na * nb)))
+        cos = 1.0 if l2 == 0 else max(-1.0, min(1.0, dot / (na * nb)))
     rel = l2 / na if na else (0.0 if l2 == 0 else math.inf)
     return l2, cos, rel, na
 

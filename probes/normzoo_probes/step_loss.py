@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from normzoo.probe import Probe, ProbeContext, Values, preserved_state
+from normzoo_probes.common import to_floats
 from normzoo_probes.landscape import GradientWalk, check_grid, step_sizes
 
 
@@ -33,8 +34,8 @@ class StepLossProbe(Probe):
         etas = step_sizes(ctx.lr, self.steps, self.lo, self.hi)
         with preserved_state(ctx.model, ctx.optimizer):
             walk = GradientWalk(ctx)
-            losses = [walk.evaluate_at(eta, with_gradient=False)[0] for eta in etas]
-        loss = walk.loss
+            # Per-step losses stay on the device; one transfer brings them to the host.
+            loss, *losses = to_floats([walk.loss, *(walk.evaluate_at(eta, with_gradient=False)[0] for eta in etas)])
         ratios = [new / loss if loss != 0 else math.nan for new in losses]
         finite = [(value, eta) for value, eta in zip(losses, etas) if not math.isnan(value)]
         best_loss, best_eta = min(finite) if finite else (math.nan, math.nan)
