@@ -28,7 +28,8 @@ from normzoo.errors import NormzooError, did_you_mean
 TABLES = ("grid", "run", "sweep", "report")
 # Keys users write as the command line spells them, and the RunConfig field each is.
 ALIASES = {"probe": "probes", "log": "loggers"}
-SWEEP_KEYS = {"out": str, "executor": str, "jobs": int, "address": str, "cpus_per_run": float, "gpus_per_run": float}
+SWEEP_KEYS = {"out": str, "executor": str, "jobs": int, "address": str, "cpus_per_run": float, "gpus_per_run": float,
+              "slurm_partition": str, "time": str, "slurm_folder": str}
 REPORT_KEYS = {"target_acc": float, "title": str}
 
 

@@ -3,7 +3,8 @@
 Each run is a ``normzoo run`` subprocess (``python -m normzoo run ... --out SWEEP --run-name NAME``), so a run that
 crashes, diverges or runs out of memory never takes the sweep down, and its exact command is printed and kept in the
 run's ``sweep-run.json``. An executor runs those commands: :class:`LocalExecutor` as child processes of the sweep,
-``normzoo.sweep_ray.RayExecutor`` as Ray tasks; everything else here is the same for both. Re-running the same sweep
+``normzoo.sweep_ray.RayExecutor`` as Ray tasks, ``normzoo.sweep_slurm.SlurmExecutor`` as SLURM jobs; everything else
+here is the same for all of them. Re-running the same sweep
 command looks at each run folder and skips finished (or diverged) runs, resumes interrupted ones from their
 checkpoint, and leaves failed ones alone unless asked to retry them. ``sweep.csv`` is rewritten after every run, one
 row per run.
@@ -11,14 +12,18 @@ row per run.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +71,9 @@ class PlannedRun:
     def command(self, sweep_dir: Path) -> list[str]:
         return [sys.executable, "-m", "normzoo", "run", *option_args(self.options), "--out", str(sweep_dir),
                 "--run-name", self.name, "--quiet"]
+
+    def resume_command(self) -> list[str]:
+        return [sys.executable, "-m", "normzoo", "run", "--resume", str(self.path), "--quiet"]
 
     def label(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.swept.items()) or self.name
@@ -181,7 +189,8 @@ class Ended:
 
 
 class Executor(Protocol):
-    """How a sweep's runs are executed: :class:`LocalExecutor` or ``normzoo.sweep_ray.RayExecutor``.
+    """How a sweep's runs are executed: :class:`LocalExecutor`, ``normzoo.sweep_ray.RayExecutor`` or
+    ``normzoo.sweep_slurm.SlurmExecutor``.
 
     The :class:`Sweep` decides what runs, prepares each run folder and records how each run ended; an executor
     only runs ``normzoo run`` commands with their output appended to a log file, and says when they end. Used as a
@@ -266,6 +275,9 @@ class LocalExecutor:
 
     def has_room(self) -> bool:
         return any(slot.process is None for slot in self.slots)
+
+    def flush(self) -> None:
+        pass  # start() started each run already
 
     def running(self) -> int:
         return sum(slot.process is not None for slot in self.slots)
@@ -364,7 +376,7 @@ class Sweep:
         record = read_record(run.path)
         resuming = state in ("interrupted", "failed") and folder.has_checkpoint()
         if resuming:
-            command = [sys.executable, "-m", "normzoo", "run", "--resume", str(run.path), "--quiet"]
+            command = run.resume_command()
         else:
             command = run.command(self.out)
             folder.remove_run_files()  # a run killed before its first checkpoint starts over
@@ -436,6 +448,7 @@ class Sweep:
             while todo and not self.stopping and executor.has_room():
                 if not self.launch(*todo.pop(0)):
                     bar.update(1)
+            executor.flush()
             while passed_on < self.stopping:
                 # First signal: each run saves a checkpoint and exits; a second one aborts them.
                 passed_on += 1
@@ -466,6 +479,45 @@ def cuda_device_count() -> int:
         return torch.cuda.device_count()
     except Exception:  # a broken CUDA install must not stop a CPU sweep
         return 0
+
+
+# -- shared by the cluster executors (Ray, SLURM) -----------------------------------------------------------------
+def import_extra(module: str, name: str, *, executor: str, extra: str | None = None) -> Any:
+    """An optional dependency's module, or the one-line error that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise NormzooError(f"--executor {executor} needs {name}: pip install 'normzoo[{extra or executor}]'") from None
+
+
+@functools.cache
+def driver_sees_cuda() -> bool:
+    return cuda_device_count() > 0
+
+
+def default_gpus(device: str | None) -> int:
+    """One GPU for a run that trains on CUDA: ``--device cuda[:n]``, or ``auto`` when this machine has CUDA."""
+    device = device or "auto"
+    return int(device.startswith("cuda") or (device == "auto" and driver_sees_cuda()))
+
+
+def amount(n: float, unit: str) -> str:
+    return f"{n:g} {unit}" + ("s" if n > 1 else "")
+
+
+def describe_requests(requests: Iterable[tuple[float, float]]) -> str:
+    """``1 CPU + 1 GPU`` for what each run requests (CPUs, GPUs), or ``1 CPU (2 runs), 2 CPUs (1 run)``."""
+    texts = Counter(" + ".join(amount(n, unit) for n, unit in [(cpus, "CPU"), (gpus, "GPU")] if n or unit == "CPU")
+                    for cpus, gpus in requests)
+    return ", ".join(text + (f" ({amount(n, 'run')})" if len(texts) > 1 else "") for text, n in texts.items())
+
+
+def node_env(cpus: float) -> dict[str, str]:
+    """The environment a run gets on a node: OpenMP threads for its CPUs, and the sweep's settings for nodes that
+    do not share the sweep's environment (a local instance has them anyway)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("NORMZOO_") or k == "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = str(max(1, math.floor(cpus)))
+    return env
 
 
 def command_text(command: Sequence[str]) -> str:

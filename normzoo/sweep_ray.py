@@ -9,24 +9,19 @@ as for local runs. Ray is imported only here, and only when asked for; it is the
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from normzoo import sweep_node
 from normzoo.errors import NormzooError
 from normzoo.lock import RunLock
-from normzoo.sweep import Ended, PlannedRun, cuda_device_count
-
-MISSING_RAY = "--executor ray needs Ray: pip install 'normzoo[ray]'"
+from normzoo.sweep import Ended, PlannedRun, default_gpus, describe_requests, import_extra, node_env
+from normzoo.sweep_node import RunProcess
 
 
 def import_ray() -> Any:
@@ -34,43 +29,7 @@ def import_ray() -> Any:
     # Under `uv run`, Ray would ship the working directory to the cluster and start its workers with `uv run` in a
     # fresh environment per job. A task here only starts the sweep's own Python, so that would be pure cost.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    try:
-        import ray
-    except ImportError:
-        raise NormzooError(MISSING_RAY) from None
-    return ray
-
-
-@functools.cache
-def driver_sees_cuda() -> bool:
-    return cuda_device_count() > 0
-
-
-def default_gpus(device: str | None) -> int:
-    """One GPU for a run that trains on CUDA: ``--device cuda[:n]``, or ``auto`` when this machine has CUDA."""
-    device = device or "auto"
-    return int(device.startswith("cuda") or (device == "auto" and driver_sees_cuda()))
-
-
-def amount(n: float, unit: str) -> str:
-    return f"{n:g} {unit}" + ("s" if n > 1 else "")
-
-
-class _SigtermForwarder:
-    """The task's SIGINT handler: each ``ray.cancel`` becomes one SIGTERM to the run, once the run has started."""
-
-    def __init__(self) -> None:
-        self.child: subprocess.Popen[bytes] | None = None
-        self.pending = 0
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        self.pending += 1
-        self.send()
-
-    def send(self) -> None:
-        while self.child is not None and self.pending:
-            self.pending -= 1
-            self.child.send_signal(signal.SIGTERM)
+    return import_extra("ray", "Ray", executor="ray")
 
 
 def run_logged(command: list[str], log: str, cwd: str, env: dict[str, str]) -> tuple[int, float]:
@@ -79,19 +38,10 @@ def run_logged(command: list[str], log: str, cwd: str, env: dict[str, str]) -> t
     ``ray.cancel`` interrupts a running task by calling its SIGINT handler, which passes it on as a SIGTERM: the
     first makes the run save a checkpoint and exit as interrupted, a second aborts it (as with local runs).
     """
-    started = time.perf_counter()
-    forwarder = _SigtermForwarder()
-    previous = signal.signal(signal.SIGINT, forwarder)
+    process = RunProcess(signal.SIGTERM)
+    previous = signal.signal(signal.SIGINT, process.request_stop)
     try:
-        with open(log, "ab") as out:
-            # Its own session, as a local run: no terminal signal reaches it except through the sweep.
-            forwarder.child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                               cwd=cwd, env={**os.environ, **env}, start_new_session=True)
-        forwarder.send()  # a cancel that came while it was starting
-        # Polling, not wait(): ray.cancel sends no real signal, so the handler runs only between Python calls.
-        while (code := forwarder.child.poll()) is None:
-            time.sleep(0.2)
-        return code, time.perf_counter() - started
+        return process.run(command, log, cwd, env)
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -130,10 +80,7 @@ class RayExecutor:
         return {"num_cpus": self.cpus, "num_gpus": gpus}
 
     def describe(self, runs: Sequence[PlannedRun]) -> str:
-        requests = Counter(" + ".join(amount(n, unit) for n, unit in
-                                      [(r["num_cpus"], "CPU"), (r["num_gpus"], "GPU")] if n or unit == "CPU")
-                           for r in map(self.request, runs))
-        each = ", ".join(text + (f" ({amount(n, 'run')})" if len(requests) > 1 else "") for text, n in requests.items())
+        each = describe_requests((r["num_cpus"], r["num_gpus"]) for r in map(self.request, runs))
         env = os.environ.get("RAY_ADDRESS")
         where = (f"Ray at {env}" if env and self.address in (None, "auto") else
                  f"Ray at {self.address}" if self.address else "a new local Ray instance")
@@ -151,6 +98,7 @@ class RayExecutor:
             self.connected_here = True
         # By value, not by reference: a worker's Python then needs Ray only, not normzoo.
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        ray.cloudpickle.register_pickle_by_value(sweep_node)
         self.task = ray.remote(run_logged)
         return self
 
@@ -164,15 +112,16 @@ class RayExecutor:
     def has_room(self) -> bool:
         return True  # Ray queues what does not fit yet
 
+    def flush(self) -> None:
+        pass  # start() submitted each run already
+
     def running(self) -> int:
         return len(self.tasks)
 
     def start(self, run: PlannedRun, command: list[str], log: Path, lock: RunLock | None = None) -> None:
         if lock is not None:  # the run may start on another node: it takes the folder's lock itself there
             lock.release()
-        # The driver's settings go along for nodes that do not share its environment; a local instance has them.
-        env = {k: v for k, v in os.environ.items() if k.startswith("NORMZOO_") or k == "PYTHONPATH"}
-        env["OMP_NUM_THREADS"] = str(max(1, math.floor(self.cpus)))
+        env = node_env(self.cpus)
         # No retries: a retried task would start the run over on a half-written folder. A lost run is recorded as
         # failed instead, and --retry-failed resumes it from its checkpoint.
         options = {**self.request(run), "max_retries": 0, "name": f"normzoo-run:{run.name}"}

@@ -140,16 +140,13 @@ def test_ctrl_c_checkpoints_running_runs_and_the_same_command_resumes_them(tmp_p
 
 def interrupt_then_resume(out: Path, options: list[str]) -> None:
     """Ctrl-C a one-run sweep once it has trained a little: the run saves a checkpoint; the same command then
-    finishes it with no training record lost or repeated (also used by the Ray executor's test)."""
+    finishes it with no training record lost or repeated (also used by the Ray and SLURM executors' tests)."""
     steps = int(options[options.index("--steps") + 1])
     args = [sys.executable, "-m", "normzoo", "sweep", *BASE, "--norm", "bn", "--eval-every", "1000", *options,
             "--out", str(out), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = out / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
-        time.sleep(0.2)
+    wait_for_training(out / "run")
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stdout + stderr
@@ -160,8 +157,29 @@ def interrupt_then_resume(out: Path, options: list[str]) -> None:
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resume" in resumed.stdout
-    assert read_csv(out)["run"]["state"] == "finished" and read_csv(out)["run"]["step"] == str(steps)
-    records = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train"' in line]
+    assert_finished_with_every_record_once(out, steps)
+
+
+def train_steps(run: Path) -> list[int]:
+    """The steps of a run's training records, in the order metrics.jsonl holds them."""
+    metrics = run / "metrics.jsonl"
+    text = metrics.read_text() if metrics.exists() else ""
+    return [json.loads(line)["step"] for line in text.splitlines() if '"train"' in line]
+
+
+def wait_for_training(run: Path, past: int = 0, timeout: float = 120) -> list[int]:
+    """Wait until the run has a training record past step ``past``; returns the steps recorded by then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not any(step > past for step in train_steps(run)):
+        time.sleep(0.2)
+    return train_steps(run)
+
+
+def assert_finished_with_every_record_once(out: Path, steps: int) -> None:
+    """The sweep's one run finished all its steps, and its interruptions lost or repeated no training record."""
+    row = read_csv(out)["run"]
+    assert row["state"] == "finished" and row["step"] == str(steps)
+    records = train_steps(out / "run")
     assert records == sorted(set(records)) and records[-1] == steps
 
 

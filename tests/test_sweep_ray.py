@@ -83,9 +83,9 @@ def test_dry_run_says_which_executor_and_resources(tmp_path, monkeypatch):
 def test_a_run_on_cuda_requests_one_gpu_by_default(monkeypatch):
     runs = plan({"device": ["cpu", "cuda", "cuda:1", "auto"]}, {})
     executor = sweep_ray.RayExecutor()
-    monkeypatch.setattr(sweep_ray, "driver_sees_cuda", lambda: False)
+    monkeypatch.setattr("normzoo.sweep.driver_sees_cuda", lambda: False)
     assert [executor.request(r)["num_gpus"] for r in runs] == [0, 1, 1, 0]
-    monkeypatch.setattr(sweep_ray, "driver_sees_cuda", lambda: True)
+    monkeypatch.setattr("normzoo.sweep.driver_sees_cuda", lambda: True)
     assert [executor.request(r)["num_gpus"] for r in runs] == [0, 1, 1, 1]
     assert executor.describe(runs[:2]).startswith("Ray tasks of 1 CPU (1 run), 1 CPU + 1 GPU (1 run) each")
     assert sweep_ray.RayExecutor(gpus_per_run=0).request(runs[1]) == {"num_cpus": 1.0, "num_gpus": 0}

@@ -22,9 +22,17 @@ Examples:
   normzoo sweep --norm "bn;lp:1,centered=true" --dataset fashion-mnist-mini --steps 500 --jobs 2 --out sweeps/lp
   normzoo sweep ... --out sweeps/santurkar --retry-failed     # same command again: skip finished, resume the rest
   normzoo sweep --executor ray --address auto --norm bn,lp:inf --lr 0.1,0.5 --seed 0,1,2 --out sweeps/x
+  normzoo sweep --executor slurm --slurm-partition gpu --gpus-per-run 1 --cpus-per-run 8 --time 4:00:00 \\
+      --device cuda --norm bn,lp:inf --lr 0.1,0.5 --seed 0,1,2 --out sweeps/x
   normzoo report sweeps/santurkar
 """
 SPEC_OPTIONS = {"backbone", "norm", "dataset", "preset"}
+# The executors each executor option is for: the others refuse it rather than ignore it.
+EXECUTOR_OPTIONS = {"jobs": ("local",), "address": ("ray",), "cpus_per_run": ("ray", "slurm"),
+                    "gpus_per_run": ("ray", "slurm"), "slurm_partition": ("slurm",), "time": ("slurm",),
+                    "slurm_folder": ("slurm",), "slurm_cluster": ("slurm",)}
+NO_JOBS = {"ray": "Ray runs as many at once as the cluster's resources allow",
+           "slurm": "SLURM runs as many at once as the cluster has room for"}
 TRUE, FALSE = {"true", "on", "yes", "1"}, {"false", "off", "no", "0"}
 
 
@@ -69,16 +77,28 @@ def sweep_options(command: Any) -> Any:
 @click.option("--out", type=click.Path(file_okay=False),
               help="The sweep folder: one subfolder per run, sweep.json and sweep.csv.  [default: the experiment "
                    "file's [sweep] out]")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--executor", type=click.Choice(["local", "ray", "slurm"]), default="local", show_default=True,
               help="local: each run is a process of this sweep, --jobs at once. ray: each run is a Ray task "
-                   "(pip install 'normzoo[ray]'); the sweep folder must be on a filesystem all nodes share.")
+                   "(pip install 'normzoo[ray]'). slurm: each run is a SLURM job (pip install 'normzoo[slurm]'). "
+                   "For ray and slurm the sweep folder must be on a filesystem all nodes share.")
 @click.option("--address", help="With --executor ray: the cluster, as ray.init takes it (auto, HOST:PORT, "
                                 "ray://HOST:PORT).  [default: $RAY_ADDRESS, else a new local Ray instance]")
 @click.option("--cpus-per-run", type=click.FloatRange(0),
-              help="With --executor ray: CPUs each run requests (and its OpenMP threads).  [default: 1]")
+              help="With --executor ray or slurm: CPUs each run requests (and its OpenMP threads); whole ones for "
+                   "SLURM.  [default: 1]")
 @click.option("--gpus-per-run", type=click.FloatRange(0),
-              help="With --executor ray: GPUs each run requests; a fraction shares a GPU.  [default: 1 for a run "
-                   "on CUDA (--device cuda, or auto when this machine has CUDA), else 0]")
+              help="With --executor ray or slurm: GPUs each run requests; a fraction shares a GPU (Ray only).  "
+                   "[default: 1 for a run on CUDA (--device cuda, or auto when this machine has CUDA), else 0]")
+@click.option("--slurm-partition", help="With --executor slurm: the partition the jobs go to.  [default: the "
+                                        "cluster's default partition]")
+@click.option("--time", help="With --executor slurm: each job's time limit, in minutes (90) or as SLURM writes it "
+                             "(4:00:00, 2-00:00:00); a run that needs longer saves a checkpoint and its job is "
+                             "requeued.  [default: 60]")
+@click.option("--slurm-folder", type=click.Path(file_okay=False),
+              help="With --executor slurm: where submitit keeps the job scripts and the jobs' own logs (runs log "
+                   "into their run.log).  [default: OUT/slurm]")
+# A testing aid: submitit's local executor runs each job as a process on this machine.
+@click.option("--slurm-cluster", type=click.Choice(["slurm", "local"]), hidden=True)
 @click.option("--jobs", type=click.IntRange(1),
               help="With --executor local: runs at once, one per GPU when several are present, CPU threads split "
                    "otherwise.  [default: 1]")
@@ -87,7 +107,8 @@ def sweep_options(command: Any) -> Any:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.argument("experiment", required=False, type=click.Path(dir_okay=False))
 def sweep(experiment: str | None, probes: tuple[str, ...], loggers: tuple[str, ...], out: str | None, executor: str,
-          address: str | None, cpus_per_run: float | None, gpus_per_run: float | None, jobs: int | None,
+          address: str | None, cpus_per_run: float | None, gpus_per_run: float | None, slurm_partition: str | None,
+          time: str | None, slurm_folder: str | None, slurm_cluster: str | None, jobs: int | None,
           retry_failed: bool, dry_run: bool, quiet: bool, **lists: tuple[str, ...]) -> None:
     """Run the grid of every combination of the listed option values into one folder.
 
@@ -103,7 +124,8 @@ def sweep(experiment: str | None, probes: tuple[str, ...], loggers: tuple[str, .
 
     With --executor ray each run is a Ray task requesting --cpus-per-run and --gpus-per-run; Ray runs as many at
     once as the cluster has resources for (so --jobs does not apply), with the same folder, resume and Ctrl-C
-    behaviour.
+    behaviour. With --executor slurm each run is a SLURM job (array jobs) on --slurm-partition with --time; at
+    its time limit or when pre-empted the run saves a checkpoint and its job is requeued to resume it.
     """
     from normzoo.experiment import Experiment, read_experiment
     from normzoo.sweep import Executor, LocalExecutor, Sweep, command_text, plan
@@ -112,10 +134,12 @@ def sweep(experiment: str | None, probes: tuple[str, ...], loggers: tuple[str, .
     ctx = click.get_current_context()
     given = {name for name in ctx.params if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
     settings = {"out": out, "executor": executor, "address": address, "cpus_per_run": cpus_per_run,
-                "gpus_per_run": gpus_per_run, "jobs": jobs}
+                "gpus_per_run": gpus_per_run, "jobs": jobs, "slurm_partition": slurm_partition, "time": time,
+                "slurm_folder": slurm_folder}
     settings.update({k: v for k, v in file.sweep.items() if k not in given})
     out, executor, address = settings["out"], settings["executor"], settings["address"]
     cpus_per_run, gpus_per_run, jobs = settings["cpus_per_run"], settings["gpus_per_run"], settings["jobs"]
+    slurm_partition, time, slurm_folder = settings["slurm_partition"], settings["time"], settings["slurm_folder"]
     if out is None:
         raise NormzooError("give the sweep folder: --out DIR, or out = \"DIR\" under [sweep] in an experiment file")
     options = {o.field: o for o in RUN_OPTIONS}
@@ -127,20 +151,27 @@ def sweep(experiment: str | None, probes: tuple[str, ...], loggers: tuple[str, .
                              if value}
     runs = plan(grid, fixed)
     validate(runs)
+    refuse_with(executor, jobs=jobs, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                slurm_partition=slurm_partition, time=time, slurm_folder=slurm_folder, slurm_cluster=slurm_cluster)
+    chosen: Executor
     if executor == "ray":
-        refuse_with(executor, jobs=jobs)
         from normzoo.sweep_ray import RayExecutor, import_ray
 
         import_ray()  # before anything runs: without Ray installed, say how to get it
-        pinned = sorted({str(d) for d in (r.options.get("device") for r in runs)
-                         if str(d).startswith("cuda:") and str(d) != "cuda:0"})
-        if pinned:
-            raise NormzooError(f"--device {pinned[0]} with --executor ray: Ray gives each run its own GPUs (as "
-                               "CUDA_VISIBLE_DEVICES), so use --device cuda and --gpus-per-run")
-        chosen: Executor = RayExecutor(address=address, cpus_per_run=1.0 if cpus_per_run is None else cpus_per_run,
-                                       gpus_per_run=gpus_per_run)
+        refuse_pinned_devices(runs, "Ray")
+        chosen = RayExecutor(address=address, cpus_per_run=1.0 if cpus_per_run is None else cpus_per_run,
+                             gpus_per_run=gpus_per_run)
+    elif executor == "slurm":
+        from normzoo.sweep_slurm import DEFAULT_TIME_MIN, SlurmExecutor, import_submitit, slurm_minutes, whole
+
+        import_submitit()  # before anything runs: without submitit installed, say how to get it
+        refuse_pinned_devices(runs, "SLURM")
+        chosen = SlurmExecutor(Path(slurm_folder or Path(out) / "slurm"), partition=slurm_partition,
+                               cpus_per_run=whole(cpus_per_run, "--cpus-per-run", 1) or 1,
+                               gpus_per_run=whole(gpus_per_run, "--gpus-per-run", 0),
+                               time_min=DEFAULT_TIME_MIN if time is None else slurm_minutes(time),
+                               cluster=slurm_cluster or "slurm")
     else:
-        refuse_with(executor, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
         chosen = LocalExecutor.for_runs(runs, jobs or 1)
     if dry_run:
         click.echo(f"dry run: {len(runs)} runs into {out} ({chosen.describe(runs)})")
@@ -165,13 +196,26 @@ def sweep(experiment: str | None, probes: tuple[str, ...], loggers: tuple[str, .
 
 
 def refuse_with(executor: str, **given: object) -> None:
-    """Options of the other executor are refused rather than ignored: the sweep would not do what they say."""
-    flags = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
-    if flags:
-        other = "local" if executor == "ray" else "ray"
-        why = (" (Ray runs as many at once as the cluster's resources allow; see --cpus-per-run, --gpus-per-run)"
-               if executor == "ray" else "")
-        raise NormzooError(f"{', '.join(flags)} only with --executor {other}{why}")
+    """Options of other executors are refused rather than ignored: the sweep would not do what they say."""
+    wrong: dict[tuple[str, ...], list[str]] = {}  # the executors they are for -> flags given
+    for name, value in given.items():
+        if value is not None and executor not in EXECUTOR_OPTIONS[name]:
+            wrong.setdefault(EXECUTOR_OPTIONS[name], []).append(f"--{name.replace('_', '-')}")
+    if wrong:
+        parts = []
+        for owners, flags in wrong.items():
+            why = f" ({NO_JOBS[executor]}; see --cpus-per-run, --gpus-per-run)" if "--jobs" in flags else ""
+            parts.append(f"{', '.join(flags)} only with --executor {' or '.join(owners)}{why}")
+        raise NormzooError("; ".join(parts))
+
+
+def refuse_pinned_devices(runs: list[PlannedRun], cluster: str) -> None:
+    """A cluster gives each run its own GPUs (as CUDA_VISIBLE_DEVICES): a run names none of them."""
+    pinned = sorted({str(d) for d in (r.options.get("device") for r in runs)
+                     if str(d).startswith("cuda:") and str(d) != "cuda:0"})
+    if pinned:
+        raise NormzooError(f"--device {pinned[0]} with --executor {cluster.lower()}: {cluster} gives each run its "
+                           "own GPUs (as CUDA_VISIBLE_DEVICES), so use --device cuda and --gpus-per-run")
 
 
 def validate(runs: list[PlannedRun]) -> None:
