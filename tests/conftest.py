@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from normzoo.plugins import get_plugins, reset_plugins
+# Without CUDA the Triton kernels can only run in Triton's interpreter, which must be chosen before Triton's first
+# import: set here, the interpreted kernel tests run in this session, spread over the workers like any other.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from normzoo.plugins import get_plugins, reset_plugins  # noqa: E402
 
 # Under pytest-xdist every worker gets one thread: two workers spinning two OpenMP threads each on two cores
 # make tiny float64 ops (gradcheck) tens of times slower.
