@@ -29,7 +29,7 @@ TABLES = ("grid", "run", "sweep", "report")
 # Keys users write as the command line spells them, and the RunConfig field each is.
 ALIASES = {"probe": "probes", "log": "loggers"}
 SWEEP_KEYS = {"out": str, "executor": str, "jobs": int, "address": str, "cpus_per_run": float, "gpus_per_run": float,
-              "slurm_partition": str, "time": str, "slurm_folder": str}
+              "slurm_partition": str, "time": str | int, "slurm_folder": str}
 REPORT_KEYS = {"target_acc": float, "title": str}
 
 

@@ -99,7 +99,7 @@ def test_a_sweep_runs_from_an_experiment_file_and_reports_with_its_options(tmp_p
     override = invoke("sweep", path, "--lr", "0.05", "--out", tmp_path / "other", "--dry-run")
     assert override.output.count("normzoo run") == 2 and "--lr 0.05" in override.output  # the command line wins
     assert str(tmp_path / "other") in override.output
-    ran = invoke("sweep", path, "--quiet")
+    ran = invoke("sweep", path, "--norm", "bn", "--quiet")  # two of the file's four runs are enough here
     assert ran.exit_code == 0, ran.output
     assert json.loads((out / "sweep.json").read_text())["report"] == {"title": "From the file", "target_acc": 0.3}
     for source in (path, out):  # the file, or the folder that remembers the file's [report]
@@ -125,3 +125,29 @@ def test_bad_experiment_files_are_one_line(tmp_path, text, words):
     result = invoke("sweep", path, "--dry-run")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert words in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_slurm_settings_come_from_the_sweep_table(tmp_path):
+    pytest.importorskip("submitit")
+    path = write(tmp_path / "exp.toml", f"""
+        [grid]
+        lr = [0.01, 0.02]
+
+        [run]
+        backbone = "{TINY['backbone']}"
+        dataset = "{TINY['dataset']}"
+
+        [sweep]
+        out = "{tmp_path / 'out'}"
+        executor = "slurm"
+        slurm_partition = "gpu"
+        time = 90
+        cpus_per_run = 4
+        slurm_folder = "{tmp_path / 'jobs'}"
+    """)
+    dry = invoke("sweep", path, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.splitlines()[0] == (f"dry run: 2 runs into {tmp_path / 'out'} (SLURM jobs of 4 CPUs, 90 min "
+                                          f"each, on partition gpu; job files in {tmp_path / 'jobs'})")
+    later = invoke("sweep", path, "--time", "2:00:00", "--dry-run")  # the command line wins
+    assert "120 min each" in later.output
