@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from normzoo.registries import Resolved
 
 __all__ = ["find_norms", "find_token_norms", "final_classifier", "inject", "insert_norms", "is_norm",
-           "replace_norms"]
+           "is_swappable_norm", "replace_norms"]
 
 # Class names (matched anywhere in a module's MRO) of norms that normalize the channel dim of NCHW tensors
 # but do not derive from torch's BatchNorm/InstanceNorm/GroupNorm classes.
@@ -80,7 +80,13 @@ def _kind(module: nn.Module) -> str | None:
 
 
 def is_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a norm that :func:`inject` swaps (token LayerNorms are not)."""
+    """Whether ``module`` normalizes: a norm normzoo built, any of torch's or timm's channel norms, a token norm
+    (``LayerNorm``, ``RmsNorm``) or a norm fused with its activation (EvoNorm, FRN). What probes measure as norms."""
+    return _kind(module) is not None or isinstance(module, nn.LocalResponseNorm)
+
+
+def is_swappable_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm that :func:`inject` swaps: a channel norm (token and fused norms are not)."""
     return _kind(module) == "norm"
 
 

@@ -172,16 +172,12 @@ def epoch_permutation(seed: int, epoch: int, train_size: int) -> torch.Tensor:
     return torch.randperm(train_size, generator=generator)
 
 
-def batch_indices(seed: int, step: int, train_size: int, batch_size: int) -> torch.Tensor:
-    """Indices of step ``step``'s batch: a slice of the seeded permutation of its epoch (drop-last)."""
-    epoch, position = divmod(step, train_size // batch_size)
-    return epoch_permutation(seed, epoch, train_size)[position * batch_size:(position + 1) * batch_size]
-
-
 class BatchSampler:
-    """``batch_indices`` with each epoch's permutation made once and kept on the training device.
+    """Indices of each step's batch: a slice of the seeded permutation of its epoch (drop-last).
 
-    One host-to-device copy per epoch: a copy per step would stall the GPU queue every step.
+    Each epoch's permutation is made once and kept on the training device: one host-to-device copy per epoch, where
+    a copy per step would stall the GPU queue every step. The order depends only on the seed and the step, so a
+    resumed run draws the batches the uninterrupted run would have.
     """
 
     def __init__(self, seed: int, train_size: int, batch_size: int, device: torch.device) -> None:

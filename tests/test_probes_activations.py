@@ -14,7 +14,7 @@ import normzoo
 from normzoo.norms.base import create_norm
 from normzoo.probe import ProbeContext
 from normzoo_probes.activations import ActivationsProbe
-from normzoo_probes.common import is_norm
+from normzoo.placement import is_norm
 from normzoo_probes.depth import DepthScalingProbe, GradNormsProbe
 
 

@@ -18,7 +18,7 @@ from normzoo.config import RunConfig, apply_preset
 from normzoo.errors import NormzooError
 from normzoo.norms import BatchNorm
 from normzoo.probe import Probe
-from normzoo.runner import batch_indices, lr_at, resume, train
+from normzoo.runner import BatchSampler, lr_at, resume, train
 
 TINY = dict(backbone="vgg11,width=0.0625", dataset="synthetic,n=96,n_test=32,size=32,channels=3,classes=4",
             batch_size=16, lr=0.05, log_every=2, device="cpu")
@@ -121,10 +121,12 @@ def test_preset_fills_paper_settings_under_explicit_options():
 
 
 def test_batches_are_epoch_permutations():
-    seen = torch.cat([batch_indices(3, s, 40, 8) for s in range(5)])
-    assert sorted(seen.tolist()) == list(range(40))
-    assert torch.equal(batch_indices(3, 7, 40, 8), batch_indices(3, 7, 40, 8))
-    assert not torch.equal(batch_indices(3, 5, 40, 8), batch_indices(3, 0, 40, 8))
+    sampler = BatchSampler(3, 44, 8, torch.device("cpu"))  # 5 batches per epoch, 4 examples dropped
+    seen = torch.cat([sampler(s) for s in range(5)])
+    assert len(set(seen.tolist())) == 40 and seen.max() < 44
+    fresh = BatchSampler(3, 44, 8, torch.device("cpu"))  # a resumed run starts a new sampler mid-epoch
+    assert torch.equal(fresh(7), sampler(7)) and torch.equal(fresh(2), sampler(2))
+    assert not torch.equal(sampler(5), sampler(0))  # each epoch its own order
 
 
 def test_schedules():

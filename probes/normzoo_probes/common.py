@@ -10,16 +10,10 @@ import torch
 from torch import nn
 
 from normzoo.errors import SpecError
+from normzoo.placement import is_norm
 from normzoo.probe import ProbeContext
 
 LAYER_CHOICES = ("weighted", "norm", "conv", "linear", "all")
-
-
-def is_norm(module: nn.Module) -> bool:
-    """A normalization module: anything normzoo created from a spec, or one of torch's norm classes."""
-    if getattr(module, "normzoo_spec", None) is not None:
-        return True
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm))
 
 
 def tracked_layers(model: nn.Module, layers: str = "weighted") -> list[tuple[str, nn.Module]]:
