@@ -17,13 +17,20 @@ also works outside pytest (``check_norm("my-norm")`` runs them all). normzoo's o
 - float32 and bfloat16, channels_last, float64 ``gradcheck`` in train and eval mode;
 - eval is deterministic and per-sample; running statistics change in train mode only (and exactly when the
   norm declares ``running_stats``); ``state_dict`` round-trips;
-- it trains a step inside ``vgg11`` and inside a timm model.
+- it trains a step inside ``vgg11`` and inside a timm model;
+- with ``sync=true`` (when it declares ``sync``), two processes that each hold half the batch train one step as
+  one process on the whole batch does (:func:`check_sync`: forked processes, gloo, DistributedDataParallel).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import re
+import tempfile
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -231,9 +238,124 @@ def check_in_timm(spec: str) -> None:
     _train_step("timm:resnet18", spec)
 
 
+# -- sync=true on two processes -------------------------------------------------------------------------------------
+SYNC_BATCH, SYNC_WORLD = 8, 2
+
+
+def sync_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole batch of the sync check (inputs, labels); replica r holds rows r·4 to r·4 + 3."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(SYNC_BATCH, 2, 5, 5, generator=generator)
+    return x, torch.randint(0, 4, (SYNC_BATCH,), generator=generator)
+
+
+def sync_step(spec: str, rows: slice, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> dict[str, torch.Tensor]:
+    """One SGD step of a small conv net around the norm on ``sync_batch()[rows]``: everything worth comparing
+    (output, loss, input and parameter gradients, the state after the step), by name."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), create_norm(spec, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(3, 4))
+    model = wrap(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = sync_batch()
+    x = x[rows].clone().requires_grad_()
+    torch.manual_seed(2)  # the same noise stream in every process
+    out = model(x)
+    loss = nn.functional.cross_entropy(out, y[rows])
+    loss.backward()
+    result = {"out": out.detach(), "loss": loss.detach().reshape(1), "x_grad": x.grad}
+    result |= {f"grad.{k}": p.grad for k, p in net.named_parameters()}
+    optimizer.step()
+    return result | {f"after.{k}": v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def assert_replicas_equal_one_process(spec: str, parts: Sequence[dict[str, torch.Tensor]],
+                                      whole: dict[str, torch.Tensor]) -> None:
+    """The replicas' results (``sync_step`` on their rows, under DDP) against one process's on the whole batch.
+
+    Each replica's loss is the mean over its rows and DDP averages parameter gradients over the replicas, so the
+    input gradients are the whole batch's times the number of replicas and every replica's parameter gradients and
+    state after the step are the whole batch's.
+    """
+    world = len(parts)
+    close = torch.testing.assert_close
+    close(torch.cat([p["out"] for p in parts]), whole["out"], rtol=1e-5, atol=1e-5,
+          msg=lambda m: f"{spec}: the replicas' outputs are not one process's on the whole batch: {m}")
+    close(sum(p["loss"] for p in parts) / world, whole["loss"], msg=lambda m: f"{spec} loss: {m}")
+    close(torch.cat([p["x_grad"] for p in parts]) / world, whole["x_grad"], rtol=1e-4, atol=1e-6,
+          msg=lambda m: f"{spec} input gradient: {m}")
+    for key in whole:
+        if key.startswith(("grad.", "after.")):
+            for rank, part in enumerate(parts):
+                close(part[key], whole[key], rtol=1e-4, atol=1e-6, msg=lambda m: f"{spec} rank {rank} {key}: {m}")
+
+
+def _sync_replica(rank: int, spec: str, folder: str) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    try:
+        torch.set_num_threads(1)  # a forked child must not start the parent's OpenMP pool
+        dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=SYNC_WORLD)
+        try:
+            share = SYNC_BATCH // SYNC_WORLD
+            result = sync_step(spec, slice(rank * share, (rank + 1) * share), nn.parallel.DistributedDataParallel)
+            save_file({k: v.contiguous() for k, v in result.items()}, f"{folder}/{rank}.safetensors")
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        Path(f"{folder}/{rank}.error").write_text(traceback.format_exc())
+        os._exit(1)
+    os._exit(0)
+
+
+def sync_check_skipped(spec: str) -> str | None:
+    """Why :func:`check_sync` has nothing to check for ``spec``, or None."""
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    from normzoo.plugins import registry
+
+    if "sync" not in {p.name for p in registry("norms").resolve(spec).entry.params}:
+        return f"{spec}: the norm declares no sync parameter"
+    if not dist.is_available() or "fork" not in multiprocessing.get_all_start_methods():
+        return "check_sync needs torch.distributed and the fork start method"
+    return None
+
+
+def check_sync(spec: str) -> None:
+    """``sync=true`` on two forked processes (gloo) under DistributedDataParallel, each holding half the batch,
+    equals one process on the whole batch; a norm that ignores ``sync`` fails it. Nothing to check (it passes) for
+    a norm without a ``sync`` parameter; :func:`norm_contract` reports that case as skipped."""
+    import multiprocessing
+
+    from safetensors.torch import load_file
+
+    reason = sync_check_skipped(spec)
+    if reason:
+        return
+    synced = re.sub(r"([,:])sync=\w+", r"\1sync=true", parse_norm(spec).canonical())
+    whole = sync_step(synced, slice(None))  # outside a process group sync=true is the plain norm
+    with tempfile.TemporaryDirectory() as folder:
+        context = multiprocessing.get_context("fork")
+        replicas = [context.Process(target=_sync_replica, args=(rank, synced, folder)) for rank in range(SYNC_WORLD)]
+        for replica in replicas:
+            replica.start()
+        for replica in replicas:
+            replica.join(timeout=120)
+        errors = [Path(folder, f"{rank}.error") for rank in range(SYNC_WORLD)]
+        failed = [e.read_text().strip().splitlines()[-1] for e in errors if e.exists()]
+        assert not failed and all(r.exitcode == 0 for r in replicas), \
+            f"{synced}: a replica failed: {failed or [r.exitcode for r in replicas]}"
+        parts = [load_file(f"{folder}/{rank}.safetensors") for rank in range(SYNC_WORLD)]
+    assert_replicas_equal_one_process(synced, parts, whole)
+
+
 NORM_CHECKS: list[Check] = [check_constructor, check_shapes, check_running_stats_train_only,
                             check_eval_deterministic, check_state_dict_round_trip, check_reset_parameters,
-                            check_channels_last, check_bfloat16, check_gradcheck, check_in_vgg11, check_in_timm]
+                            check_channels_last, check_bfloat16, check_gradcheck, check_in_vgg11, check_in_timm,
+                            check_sync]
 
 
 def check_norm(spec: str, checks: Sequence[Check] = NORM_CHECKS) -> None:
@@ -251,6 +373,8 @@ def norm_contract(specs: Sequence[str], checks: Sequence[Check] = NORM_CHECKS) -
 
     @pytest.mark.parametrize("spec, check", cases)
     def test_norm_contract(spec: str, check: Check) -> None:
+        if check is check_sync and (reason := sync_check_skipped(spec)):
+            pytest.skip(reason)
         check(spec)
 
     return test_norm_contract

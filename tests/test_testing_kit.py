@@ -16,6 +16,8 @@ from normzoo.testing import (
     check_running_stats_train_only,
     check_shapes,
     check_state_dict_round_trip,
+    check_sync,
+    sync_check_skipped,
 )
 
 
@@ -101,12 +103,30 @@ class ForgetsBuffers(StatsInEval):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
+class IgnoresSync(nn.Module):
+    """Batch statistics, and a sync parameter it never uses: each replica normalizes its own half."""
+
+    traits = NormTraits(batch_dependent=True, running_stats=False, min_values=2)
+
+    def __init__(self, num_features, *, sync=False, eps=1e-5, affine=True, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+
+    def reset_parameters(self):
+        pass
+
+    def forward(self, x):
+        dims = [0, *range(2, x.dim())]
+        return (x - x.mean(dims, keepdim=True)) / (x.var(dims, keepdim=True, unbiased=False) + self.eps).sqrt()
+
+
 def no_dtype(num_features, *, eps=1e-5, affine=True, device=None, dtype=None):
     return Scale(num_features, eps=eps, affine=affine, device=device)  # dtype dropped
 
 
 BROKEN = {"kit-ok": Scale, "kit-grad": WrongGradient, "kit-stats": StatsInEval, "kit-batch": BatchInEval,
-          "kit-4d": Only4d, "kit-cl": ContiguousOnly, "kit-state": ForgetsBuffers, "kit-dtype": no_dtype}
+          "kit-4d": Only4d, "kit-cl": ContiguousOnly, "kit-state": ForgetsBuffers, "kit-dtype": no_dtype,
+          "kit-nosync": IgnoresSync}
 
 
 class KitNorms:
@@ -134,8 +154,16 @@ def test_a_correct_norm_passes_every_check(kit_norms):
     ("kit-cl", check_channels_last, "channels_last output"),
     ("kit-state", check_state_dict_round_trip, "differs"),
     ("kit-dtype", check_constructor, "dtype= not applied"),
+    ("kit-nosync", check_sync, "the replicas' outputs are not one process's on the whole batch"),
 ])
 def test_each_check_fails_the_norm_broken_its_way(kit_norms, spec, check, message):
     with pytest.raises(AssertionError, match=message):
         check(spec)
     check("kit-ok")  # and passes the correct one
+
+
+def test_the_sync_check_passes_a_synced_batch_norm_and_skips_a_norm_without_sync(kit_norms):
+    check_sync("bn")
+    check_sync("mean-bn")  # the example plugin's own synced norm
+    assert sync_check_skipped("kit-ok") == "kit-ok: the norm declares no sync parameter"
+    assert sync_check_skipped("bn") is None
