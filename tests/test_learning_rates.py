@@ -217,7 +217,16 @@ def test_the_section_is_added_only_when_the_learning_rate_varies():
     doc = Document("t")
     assert section(doc, runs, 0.5)
     kinds = [kind for kind, _ in doc.blocks]
-    assert kinds == ["h2", "p", "table", "p", "table", "p"] and doc.blocks[0][1] == "Learning rate or normalization?"
+    assert kinds == ["h2", "p", "table", "p", "p"] and doc.blocks[0][1] == "Learning rate or normalization?"
+    assert doc.blocks[-1][1].startswith("No run has a smoothness value")
+    for run in runs:  # β = 1/η·(seed + 1): the learning rate sets it
+        run.probes["landscape"] = [{"step": 10, "loss": 2.0, "beta": (run.seed + 1) / run.config["lr"]}]
+    doc = Document("t")
+    section(doc, runs, 0.5)
+    assert [kind for kind, _ in doc.blocks] == ["h2", "p", "table", "p", "table", "p"]
+    assert [row[0] for row in doc.blocks[4][1].rows] == ["β vs speed, all runs", "β·η/2 vs speed, all runs",
+                                                          "β vs lr", "β vs speed at lr 0.01", "β vs speed at lr 0.1"]
+    assert [row[-1] for row in doc.blocks[4][1].rows] == [12, 12, 12, 6, 6]
     assert not section(Document("t"), [r for r in runs if r.config["lr"] == 0.1], 0.5)
     markdown = build(runs, target_acc=0.5, title="t").markdown("f")
     assert "## Learning rate or normalization?" in markdown and "| bn | 0.01: 3/3, 0.1: 3/3 |" in markdown

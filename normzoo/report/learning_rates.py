@@ -331,8 +331,8 @@ def verdict(c: LrCorrelations, *, speed_name: str, lower_is_better: bool) -> str
     (1 and 2 exclude each other: 1 needs every within-lr interval to include 0, 2 needs one to exclude it.)"""
     within = {lr: w for lr, w in c.within.items() if w.defined}
     strong = {lr: w for lr, w in within.items() if w.strong}
-    context = f"Across all runs, β against {speed_name}: {c.overall.text()}; β against the learning rate: " \
-              f"{c.with_lr.text()}."
+    overall = f"Across all runs, β against {speed_name}: {c.overall.text()}."
+    with_lr = f" β against the learning rate: {c.with_lr.text()}."
     if c.with_lr.strong and within and not any(w.excludes_zero for w in within.values()):
         widest = max(within.values(), key=lambda w: w.high - w.low)
         return (f"The data support **the learning rate sets the smoothness** (edge of stability) rather than "
@@ -340,14 +340,14 @@ def verdict(c: LrCorrelations, *, speed_name: str, lower_is_better: bool) -> str
                 f"({c.with_lr.text()}), while at equal learning rate β does not separate fast schemes from slow "
                 f"ones (every within-lr interval includes 0; widest at lr {cell(_key_of(within, widest))}: "
                 f"{widest.text()}). Relative to the 2/η threshold, β·η/2 against {speed_name}: "
-                f"{c.relative.text()}. {context}")
+                f"{c.relative.text()}. {overall}")
     if strong and len({np.sign(w.rho) for w in strong.values()}) == 1:
         rho = next(iter(strong.values())).rho
         smoother_better = (rho > 0) == lower_is_better  # ρ(β, outcome): low β with a low (or high) outcome
         which = "; ".join(f"lr {cell(lr)}: {w.text()}" for lr, w in strong.items())
         return (f"The data support **smoothing separates schemes at equal learning rate**: at the same η, "
                 f"smoother runs (lower β) did {'better' if smoother_better else 'worse'} on {speed_name} "
-                f"({which}). {context}")
+                f"({which}). {overall}{with_lr}")
     if not within:
         why = ("no learning rate has at least 4 runs with both β and the outcome, so schemes cannot be compared "
                "at equal learning rate")
@@ -360,9 +360,10 @@ def verdict(c: LrCorrelations, *, speed_name: str, lower_is_better: bool) -> str
                f"{cell(_key_of(within, widest))}: {widest.text()}, width {widest.high - widest.low:.2f})")
         if not c.with_lr.strong:
             why += f", and β has {strength(c.with_lr.rho)} relation with η ({c.with_lr.text()})"
+            with_lr = ""  # said already
         else:
             why += ", although β follows η, some within-lr interval excludes 0 without a strong ρ"
-    return f"The data **cannot tell** whether smoothing or the learning rate explains speed: {why}. {context}"
+    return f"The data **cannot tell** whether smoothing or the learning rate explains speed: {why}. {overall}{with_lr}"
 
 
 def _key_of(mapping: dict[float, Correlation], value: Correlation) -> float:
@@ -393,6 +394,10 @@ def section(doc: Document, runs: Sequence[Run], target_acc: float | None = None,
     doc.table(table)
     doc.paragraph(reading(schemes, shared, target, chance=chance))
     speed_name = outcome_name(target)
+    if not any(math.isfinite(smoothness(r)) for r in runs):
+        doc.paragraph("No run has a smoothness value (median effective β), so smoothness cannot be set against "
+                      "speed and the learning rate.")
+        return True
     correlations = lr_correlations(runs, lambda r: outcome(r, target), smoothness=smoothness)
     rows = [[c.label, c.rho, c.low, c.high, c.n] for c in
             (correlations.overall, correlations.relative, correlations.with_lr, *correlations.within.values())]
