@@ -17,6 +17,7 @@ from typing import Any
 from normzoo.analysis import Run, find_runs, varying_fields
 from normzoo.io import atomic_write_bytes, atomic_write_text
 from normzoo.report import figures as fig
+from normzoo.report import learning_rates
 from normzoo.report.render import Document, Figure, Table, cell
 from normzoo.report.schemes import PLATEAU_FRACTION, Scheme, by_setting, compute, correlations, short_value
 
@@ -64,6 +65,7 @@ def build(runs: list[Run], *, target_acc: float | None = None, title: str,
         doc.paragraph("Not in this report, failed before training started (see their run.log): "
                       + ", ".join(f"`{n}`" for n in unstarted) + ".")
     answer(doc, schemes, targets)
+    learning_rates.section(doc, runs, targets["target_acc"])  # only when the runs use 2+ learning rates
     figures(doc, schemes)
     all_runs(doc, runs)
     return doc
