@@ -28,7 +28,7 @@ import triton.language as tl
 from normzoo.kernels import tiling
 from normzoo.kernels.common import power, signum, tile_offsets
 from normzoo.kernels.noise import element_noise
-from normzoo.kernels.stats import BEFORE, NO_NOISE
+from normzoo.kernels.stats import AUX_N, AUX_SIGN, AUX_T, AUX_W, BEFORE, NO_NOISE
 
 LINEAR = tl.constexpr(0)
 SIGN = tl.constexpr(1)
@@ -39,10 +39,6 @@ DCOEF_E = tl.constexpr(tiling.DCOEF_E)
 DCOEF_F = tl.constexpr(tiling.DCOEF_F)
 DCOEF_T = tl.constexpr(tiling.DCOEF_T)
 DCOEF_W = tl.constexpr(tiling.DCOEF_W)
-AUX_T = tl.constexpr(tiling.AUX_T)
-AUX_W = tl.constexpr(tiling.AUX_W)
-AUX_SIGN = tl.constexpr(tiling.AUX_SIGN)
-AUX_N = tl.constexpr(tiling.AUX_N)
 
 
 @triton.jit
