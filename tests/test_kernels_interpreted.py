@@ -218,7 +218,7 @@ def _replica(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory, interpreter) -> Path:
     out = tmp_path_factory.mktemp("kernel-replicas")
-    mp.start_processes(_replica, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_replica, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="fork")
     return out
 
 
