@@ -185,7 +185,7 @@ def findings(schemes: list[Scheme], level: float) -> list[str]:
         if measure and smoother_than:
             text += (f" At equal steps its {measure.label} ({smoothness:.3g}) is lower than that of "
                      f"{', '.join(f'`{s}`' for s in smoother_than)}, but that measures the flat region around its "
-                     "initialization, not a smoother landscape along a training trajectory.")
+                     "initialization, not smoothness along a training trajectory.")
         if measure and measure.column.per_record:
             reached = sum(math.isfinite(v) for v in scheme.per_seed("smoothness_matched").values())
             text += (f" It reaches the matched loss {cell(level)} in {reached} of {len(scheme.runs)} runs"

@@ -149,7 +149,7 @@ def per_layer(schemes: Sequence[Scheme], palette: Palette, probe: str,
             if not width:
                 continue
             table = np.array([[abs(v) if v is not None else np.nan for v in r[:width]] for r in rows], dtype=float)
-            if scale == "log":  # a layer whose value is 0 by definition (ICS of the first) has no point on a log axis
+            if scale == "log":  # a layer whose value is 0 by definition (say the first one) has no point on a log axis
                 table[table <= 0] = np.nan
             with _quiet_nan_warnings():
                 ax.plot(np.arange(1, width + 1), np.nanmedian(table, 0),

@@ -45,8 +45,8 @@ def eigenvalue_and_threshold(schemes: Sequence[Scheme], plots: Plots) -> Any:
         if len(steps):
             axes[0].plot(steps, thresholds, color="grey", linestyle="--", linewidth=1,
                          marker="_" if len(steps) == 1 else None)
-            axes[0].annotate(f"threshold, lr={lr}", (steps[-1], thresholds[-1]), fontsize=7, color="grey",
-                             ha="right", va="bottom")
+            label = f"threshold, lr={lr:g}" if isinstance(lr, (int, float)) else "threshold"
+            axes[0].annotate(label, (steps[-1], thresholds[-1]), fontsize=7, color="grey", ha="right", va="bottom")
     axes[1].axhline(1.0, color="grey", linestyle="--", linewidth=1)
     axes[0].set(title="sharpness λ_max (dashed: stability threshold)", xlabel="step", ylabel="λ_max", yscale="log")
     axes[1].set(title="λ_max / stability threshold", xlabel="step", ylabel="relative", yscale="log")
