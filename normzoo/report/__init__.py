@@ -97,10 +97,10 @@ def answer(doc: Document, schemes: list[Scheme], targets: dict[str, float]) -> N
     # A declared column no scheme has a value for (say, of a view the probe was not asked for) is left out.
     columns = [column for _, column in declared_columns(runs) if column != ranked_by
                and any(math.isfinite(scheme.mean(column.key)) for scheme in schemes)]
-    correlation_rows = []
+    matched = measure is not None and measure.column.per_record is not None
+    correlated: list[tuple[str, dict[str, Any]]] = []  # (setting, correlation row)
     for setting, group in groups.items():
         level = group[0].context["matched_loss"]
-        matched = measure is not None and measure.column.per_record is not None
         ranked = sorted(group, key=lambda s: (not math.isfinite(s.mean("smoothness")), s.mean("smoothness")))
         rows = [[rank, scheme.label, ", ".join(f"{n} {s}" for s, n in Counter(r.status for r in scheme.runs).items()),
                  mean_spread(scheme, "train_acc"), mean_spread(scheme, "test_acc"), scheme.mean("steps_to_target"),
@@ -114,16 +114,16 @@ def answer(doc: Document, schemes: list[Scheme], targets: dict[str, float]) -> N
                   *([f"{measure.symbol} at loss {cell(level)}"] if matched else []),
                   *[column.label for column in columns]]
         doc.table(Table(header, rows, f"Smoothness against speed{', ' + setting if setting else ''}"))
-        correlation_rows += [[setting or "all", r["comparison"], r["rho_mean"], r["rho_min"], r["rho_max"],
-                              r["seeds"], r["schemes"], r] for r in correlations(group)]
-    if correlation_rows:
+        correlated += [(setting or "all", row) for row in correlations(group)]
+    if correlated:
         doc.table(Table(["setting", "comparison", "Spearman ρ (mean over seeds)", "min", "max", "seeds", "schemes"],
-                        [row[:-1] for row in correlation_rows],
+                        [[setting, r["comparison"], r["rho_mean"], r["rho_min"], r["rho_max"], r["seeds"],
+                          r["schemes"]] for setting, r in correlated],
                         "Rank correlation across the schemes of one setting, one per seed; ρ > 0: smoother schemes "
                         "are faster (or more accurate), ρ < 0: the opposite; – where fewer than 3 schemes have both "
                         "numbers"))
-    notes = [reading(row) for row in correlation_rows
-             if row[-1]["x"] in ("smoothness", "smoothness_matched") and row[-1]["y"] == "steps_to_target"]
+    notes = [reading(setting, r) for setting, r in correlated
+             if r["x"] in ("smoothness", "smoothness_matched") and r["y"] == "steps_to_target"]
     for group in groups.values():
         notes += findings(group, group[0].context["matched_loss"])
     if measure is None:
@@ -153,9 +153,9 @@ def no_smoothness_note() -> str:
                       + " to the runs." if offering else "."))
 
 
-def reading(row: list[Any]) -> str:
+def reading(setting: str, correlation: dict[str, Any]) -> str:
     """One sentence for a correlation row: its sign and size in words."""
-    setting, comparison, rho, low, high = row[:5]
+    comparison, rho, low, high = (correlation[k] for k in ("comparison", "rho_mean", "rho_min", "rho_max"))
     if not math.isfinite(rho):
         return ""
     if low < 0 < high:

@@ -198,13 +198,12 @@ def correlations(schemes: Sequence[Scheme]) -> list[dict[str, Any]]:
     measure = schemes[0].measure if schemes else None
     if measure is None:
         return []
-    pairs = [("smoothness", "steps_to_target", f"{measure.label} (equal steps) vs steps to target accuracy")]
+    smoothness = [("smoothness", f"{measure.label} (equal steps)")]
     if measure.column.per_record:
-        pairs.append(("smoothness_matched", "steps_to_target",
-                      f"{measure.symbol} at matched loss vs steps to target accuracy"))
-    pairs.append(("smoothness", "test_acc", f"{measure.label} (equal steps) vs final test accuracy"))
-    if measure.column.per_record:
-        pairs.append(("smoothness_matched", "test_acc", f"{measure.symbol} at matched loss vs final test accuracy"))
+        smoothness.append(("smoothness_matched", f"{measure.symbol} at matched loss"))
+    pairs = [(x, y, f"{x_name} vs {y_name}") for y, y_name in (("steps_to_target", "steps to target accuracy"),
+                                                                ("test_acc", "final test accuracy"))
+             for x, x_name in smoothness]
     pairs += [(column.key, "steps_to_target", f"{column.label} vs steps to target accuracy")
               for _, column in declared_columns([run for s in schemes for run in s.runs]) if column.correlate]
     seeds = sorted({run.seed for s in schemes for run in s.runs})
