@@ -12,8 +12,10 @@ This module imports neither matplotlib nor torch: figures receive the report's p
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -132,16 +134,30 @@ def scalar_fields(records: Records) -> list[str]:
 
 def report_for(probe: str) -> ProbeReport:
     """The report a probe's class names, from the probes registry; the generic one when the probe names none, is
-    not registered here (its plugin is not installed), or its report cannot be imported."""
+    not registered here (its plugin is not installed), or its report cannot be loaded (said once on stderr)."""
     from normzoo.errors import NormzooError
     from normzoo.plugins import registry
 
     try:
         path = registry("probes").get(probe).report
-        report = load(path)(probe) if path else None
-    except (NormzooError, ImportError, AttributeError, ValueError):
-        report = None
-    return report if isinstance(report, ProbeReport) else ProbeReport(probe)
+    except NormzooError:
+        return ProbeReport(probe)
+    if not path:
+        return ProbeReport(probe)
+    try:
+        report = load(path)(probe)
+        if not isinstance(report, ProbeReport):
+            raise TypeError(f"{type(report).__name__} is not a normzoo.probe_report.ProbeReport")
+    except Exception as exc:  # a plugin's broken report must not take the report down
+        _say_once(f"normzoo: probe '{probe}': its report '{path}' cannot be used ({type(exc).__name__}: {exc}); "
+                  "showing the generic section")
+        return ProbeReport(probe)
+    return report
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def load(path: str) -> type[ProbeReport]:

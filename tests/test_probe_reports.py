@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from normzoo import hookimpl
 from normzoo.analysis import Run, probe_summaries
 from normzoo.plugins import registry
 from normzoo.probe_report import ProbeReport, report_for
@@ -209,3 +210,20 @@ def test_training_start_up_imports_no_report_code():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_report_that_cannot_be_loaded_falls_back_and_says_so(third_party_probes, capsys):
+    from nz_test_probe_reports import WobbleProbe
+
+    class BrokenReportProbe(WobbleProbe):
+        name = "nz-broken-report"
+        report = "nz_test_probe_reports:NoSuchReport"
+
+    class Plugin:
+        @hookimpl
+        def register_probes(self, register):
+            register(BrokenReportProbe.name, BrokenReportProbe, summary="its report is missing")
+
+    third_party_probes.register(Plugin(), name="nz-test-broken-report")
+    assert type(report_for("nz-broken-report")) is ProbeReport
+    assert "its report 'nz_test_probe_reports:NoSuchReport' cannot be used" in capsys.readouterr().err
