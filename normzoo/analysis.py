@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from normzoo.errors import NormzooError
+from normzoo.probe_report import report_for
 from normzoo.rundir import RunDir
 
 # Config fields that never make two runs different experiments.
@@ -83,40 +84,14 @@ def find_runs(path: str | Path) -> list[Run]:
 
 
 # -- per-run reductions ------------------------------------------------------------------------------------------
-def _median(values: Iterable[float]) -> float:
-    finite = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-    return float(np.median(finite)) if finite else math.nan
-
-
-def _flat(records: Sequence[dict[str, Any]], key: str, transform: Any = float) -> list[float]:
-    return [transform(v) for r in records for v in (r.get(key) or []) if v is not None]
-
-
-# Derived per-probe numbers beyond the scalar fields: the paper's band widths and per-layer medians.
-DERIVED = {
-    "landscape": {
-        "loss_band": lambda r: _as_float(r.get("loss_max")) - _as_float(r.get("loss_min")),
-        "grad_band": lambda r: _as_float(r.get("grad_dist_max")) - _as_float(r.get("grad_dist_min")),
-    },
-}
-PER_LAYER = {"ics": ("l2", "cos"), "activations": ("in_drift_mean", "in_drift_var", "out_drift_mean", "out_drift_var")}
-SKIPPED_SCALARS = {"step", "batch_size", "seconds", "drift_from", "iterations"}
-
-
-def probe_summaries(probes: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
-    """Medians over a run's probe records: ``<probe>_<value>_median`` for every scalar a probe records
-    (third-party probes included), band widths for ``landscape``, per-layer medians for ``ics``/``activations``."""
+def probe_summaries(probes: dict[str, list[dict[str, Any]]], config: dict[str, Any] | None = None
+                    ) -> dict[str, float]:
+    """Every probe's summary scalars for one run (``config``: its config.json), as its report computes them
+    (:meth:`normzoo.probe_report.ProbeReport.summarize`): by default ``<probe>_<value>_median`` for every scalar
+    it records, third-party probes included."""
     out: dict[str, float] = {}
     for name, records in sorted(probes.items()):
-        prefix = name.replace("-", "_")
-        scalars = sorted({k for r in records for k, v in r.items() if k not in SKIPPED_SCALARS
-                          and isinstance(v, (int, float)) and not isinstance(v, bool)})
-        for key in scalars:
-            out[f"{prefix}_{key}_median"] = _median(r.get(key, math.nan) for r in records)
-        for key, derive in DERIVED.get(name, {}).items():
-            out[f"{prefix}_{key}_median"] = _median(derive(r) for r in records)
-        for key in PER_LAYER.get(name, ()):
-            out[f"{prefix}_{key}_median"] = _median(_flat(records, key, abs))
+        out.update(report_for(name).summarize(records, config))
     return out
 
 

@@ -8,6 +8,10 @@ about to train on, and writes the returned values to ``metrics.jsonl`` as
 
 A probe must restore everything it touches: parameters, buffers (BN running statistics), optimizer state,
 gradients and RNG state are bit-identical before and after ``measure``. :func:`preserved_state` helps.
+
+How ``normzoo report`` and ``sweep.csv`` present the records is the class attribute ``report``: an import path
+``"package.module:Attr"`` of a :class:`normzoo.probe_report.ProbeReport` subclass (a path, not the class, so that
+its code loads only when a report is written), or None for the generic presentation.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Probe:
     """
 
     name = "probe"
+    report: str | None = None  # "package.module:Attr" of its ProbeReport (normzoo.probe_report); None: generic
 
     def __init__(self, *, every: Count = 0, at: str = "", init: bool = True, log: LogSteps = 0) -> None:
         if every < 0 or log < 0:

@@ -48,6 +48,11 @@ class Entry:
         return self._factory[0]
 
     @property
+    def report(self) -> str | None:
+        """A probe's report as an import path (see :mod:`normzoo.probe_report`), or None: the generic one."""
+        return self.extra.get("report")
+
+    @property
     def origin(self) -> str:
         """``built-in`` or ``plugin 'name'``, for messages."""
         return "built-in" if self.plugin.startswith("normzoo.") else f"plugin '{self.plugin}'"
@@ -111,6 +116,10 @@ class Registry:
                 raise PluginError(f"plugin '{plugin}': norm '{name}' breaks the constructor contract "
                                   f"Norm(num_features, *, eps, affine, device=None, dtype=None, **params): {problem}")
         params = params_from_signature(factory, RESERVED)
+        if self.kind == "probes":
+            # Kept with the entry (and so in the registry cache): the report finds it without importing the probe.
+            report = getattr(factory, "report", None)
+            extra = {"report": report if isinstance(report, str) else None, **extra}
         if positional is not None and positional not in {p.name for p in params}:
             raise PluginError(f"plugin '{plugin}': {self.kind[:-1]} '{name}' declares positional '{positional}', "
                               "which is not a defaulted parameter of its factory")

@@ -548,7 +548,8 @@ def sweep_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
         row["state"] = run_state(run.path)
         row.update({k: v for k, v in read_summary(run.path).items() if k != "run"})  # its "run" is a path
         if RunDir(run.path).metrics.exists():
-            row.update(probe_summaries(load_run(run.path).probes))
+            loaded = load_run(run.path)
+            row.update(probe_summaries(loaded.probes, loaded.config))
         row["wall_s"] = f"{record['wall_s']:.1f}" if "wall_s" in record else ""
         row["error"] = (record.get("failed") or {}).get("error", "")
         rows.append(row)

@@ -57,6 +57,9 @@ def test_write_a_plugin_tutorial_in_a_fresh_virtual_environment(tmp_path):
        "--run-name", "mine", "--quiet")
     records = [json.loads(line) for line in (tmp_path / "runs" / "mine" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("probe") == "weight-norm"] == [0, 3]
+    # its probe's report (the plugin's ProbeReport) shows in `normzoo report`
+    sh(normzoo, "report", "runs/mine")
+    assert "weight-norm" in (tmp_path / "runs" / "mine" / "report.md").read_text()
     # 5. load its checkpoint
     load = ("import normzoo; model, info = normzoo.load_checkpoint('runs/mine/best.safetensors'); "
             "print(info['norm'], type(model.features[1]).__name__)")

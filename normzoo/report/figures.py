@@ -1,4 +1,5 @@
-"""The report's figures (matplotlib, Agg): one function per figure, each ``None`` when its records are missing.
+"""The report's figures (matplotlib, Agg): one function per figure, each ``None`` when its records are missing,
+and :class:`Plots`, the helpers a probe's report draws its own figures with.
 
 Each scheme keeps one colour (by norm) and one line style (by the other varying options) in every figure; curves
 are the mean over seeds with the min–max range over seeds shaded; log scales follow the paper's figures.
@@ -82,6 +83,8 @@ def plot_over_seeds(ax: Any, scheme: Scheme, palette: Palette, records: Records,
         return False
     steps, mean, low, high = seed_band(curves)
     style = palette.kwargs(scheme) | ({} if label else {"label": None})
+    if len(steps) == 1:  # a line through one point draws nothing (say, a run evaluated once)
+        style.setdefault("marker", "o")
     ax.plot(steps, mean, **style)
     if len(curves) > 1:
         ax.fill_between(steps, low, high, color=style["color"], alpha=0.15, linewidth=0)
@@ -129,59 +132,8 @@ def training(schemes: Sequence[Scheme], palette: Palette) -> Figure | None:
     ])
 
 
-def _probe(name: str) -> Records:
-    return lambda run: run.probes.get(name, [])
-
-
-def landscape(schemes: Sequence[Scheme], palette: Palette) -> Figure | None:
-    """Santurkar et al. Fig. 4, 12, 13: the loss-variation band, the gradient-predictiveness band and β."""
-    fig, axes = _figure(3)
-    drawn = False
-    for scheme in schemes:
-        for ax, (low, high) in zip(axes, [("loss_min", "loss_max"), ("grad_dist_min", "grad_dist_max")]):
-            curves = [(_values(_probe("landscape")(run), low), _values(_probe("landscape")(run), high))
-                      for run in scheme.runs]
-            curves = [c for c in curves if len(c[0][0])]
-            if not curves:
-                continue
-            steps, lo, _, _ = seed_band([c[0] for c in curves])
-            _, hi, _, _ = seed_band([c[1] for c in curves])
-            style = palette.kwargs(scheme)
-            ax.fill_between(steps, lo, hi, color=style["color"], alpha=0.3, linewidth=0)
-            ax.plot(steps, hi, **style)
-            ax.plot(steps, lo, **(style | {"label": None}))
-            drawn = True
-        plot_over_seeds(axes[2], scheme, palette, _probe("landscape"), "beta", label=False)
-    axes[0].set(title="loss variation: L(θ − ηg) over η", xlabel="step", ylabel="loss", yscale="log")
-    axes[1].set(title="gradient predictiveness: ‖∇L(θ) − ∇L(θ − ηg)‖", xlabel="step", ylabel="ℓ2 distance",
-                yscale="log")
-    axes[2].set(title="effective β-smoothness", xlabel="step", ylabel="β", yscale="log")
-    return _finish(fig, axes, drawn)
-
-
-def matched(schemes: Sequence[Scheme], palette: Palette, level: float) -> Figure | None:
-    """β against the training loss at which it was measured: equal steps are not equal progress."""
-    fig, axes = _figure(2)
-    drawn = False
-    for scheme in schemes:
-        drawn |= plot_over_seeds(axes[0], scheme, palette, _probe("landscape"), "loss")
-        for run in scheme.runs:
-            records = [r for r in run.probes.get("landscape", []) if _positive(r.get("beta"))]
-            if records:
-                axes[1].plot([r["loss"] for r in records], [r["beta"] for r in records],
-                             **(palette.kwargs(scheme, marker="o", markersize=3) | {"label": None}))
-    for ax in axes:
-        if math.isfinite(level):
-            ax.axhline(level, color="grey", linewidth=1) if ax is axes[0] else ax.axvline(level, color="grey",
-                                                                                           linewidth=1)
-    axes[0].set(title="probe-batch loss (grey: matched loss)", xlabel="step", ylabel="loss", yscale="log")
-    axes[1].set(title="β against training loss (right: early training)", xlabel="loss at the probe",
-                ylabel="β", xscale="log", yscale="log")
-    return _finish(fig, axes, drawn)
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+def _probe_records(probe: str) -> Records:
+    return lambda run: run.probes.get(probe, [])
 
 
 def per_layer(schemes: Sequence[Scheme], palette: Palette, probe: str,
@@ -197,7 +149,7 @@ def per_layer(schemes: Sequence[Scheme], palette: Palette, probe: str,
             if not width:
                 continue
             table = np.array([[abs(v) if v is not None else np.nan for v in r[:width]] for r in rows], dtype=float)
-            if scale == "log":  # ICS of the first layer is 0 by definition: no point on a log axis
+            if scale == "log":  # a layer whose value is 0 by definition (say the first one) has no point on a log axis
                 table[table <= 0] = np.nan
             with _quiet_nan_warnings():
                 ax.plot(np.arange(1, width + 1), np.nanmedian(table, 0),
@@ -207,45 +159,54 @@ def per_layer(schemes: Sequence[Scheme], palette: Palette, probe: str,
     return _finish(fig, axes, drawn)
 
 
-def _layer_mean(key: str) -> Callable[[dict[str, Any]], float]:
-    def mean(record: dict[str, Any]) -> float:
-        values = [abs(v) for v in record.get(key) or [] if isinstance(v, (int, float)) and math.isfinite(v)]
-        return float(np.mean(values)) if values else math.nan
+class Plots:
+    """What a probe's report draws with (:mod:`normzoo.probe_report`): the report's palette, so that a scheme has
+    the same colour and line style in every figure, and its figure helpers. Handed to ``ProbeFigure.draw`` so that
+    probes' report modules never import matplotlib themselves."""
 
-    return mean
+    def __init__(self, palette: Palette) -> None:
+        self.palette = palette
 
+    def over_steps(self, schemes: Sequence[Scheme], probe: str, panels: Sequence[tuple[str, Any, str, str]]
+                   ) -> Figure | None:
+        """A row of panels of ``probe``'s values over steps, each (title, field or function of a record, y scale,
+        y label): one curve per scheme, the mean over seeds with the min–max range shaded."""
+        records = _probe_records(probe)
+        return _panels(schemes, self.palette, [(title, records, key, scale, ylabel)
+                                               for title, key, scale, ylabel in panels])
 
-def activations(schemes: Sequence[Scheme], palette: Palette) -> Figure | None:
-    """Santurkar et al. Fig. 2/8: how far each layer's input distribution moves between measurements."""
-    return _panels(schemes, palette, [
-        ("drift of the per-channel mean (layer average)", _probe("activations"), _layer_mean("in_drift_mean"),
-         "log", "|Δµ|"),
-        ("drift of the per-channel variance (layer average)", _probe("activations"), _layer_mean("in_drift_var"),
-         "log", "|Δσ²|"),
-    ])
+    def per_layer(self, schemes: Sequence[Scheme], probe: str, panels: Sequence[tuple[str, str, str]], *,
+                  last_only: bool = False) -> Figure | None:
+        """Per-layer list fields (field, title, y scale) against depth: the median over probes and seeds, or the
+        last probe's."""
+        return per_layer(schemes, self.palette, probe, panels, last_only=last_only)
 
+    def curve(self, ax: Any, scheme: Scheme, probe: str, key: Any, *, label: bool = True) -> bool:
+        """One scheme's curve of ``probe``'s ``key`` on ``ax``; False when it has no such records."""
+        return plot_over_seeds(ax, scheme, self.palette, _probe_records(probe), key, label=label)
 
-def hessian(schemes: Sequence[Scheme], palette: Palette) -> Figure | None:
-    return _panels(schemes, palette, [("Hessian top eigenvalue", _probe("hessian"), "eigenvalue", "log", "λ_max"),
-                                      ("Hessian trace (Hutchinson)", _probe("hessian"), "trace", "symlog", "tr H")])
+    @staticmethod
+    def values(records: Sequence[dict[str, Any]], key: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of the records where ``key`` is a number."""
+        return _values(records, key)
 
+    @staticmethod
+    def seed_band(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+        return seed_band(curves)
 
-def step_loss(schemes: Sequence[Scheme], palette: Palette) -> Figure | None:
-    """Bjorck et al.: the relative loss after one step along −g, against the step size (last probe)."""
-    fig, axes = _figure(1, 6.0)
-    drawn = False
-    for scheme in schemes:
-        for i, run in enumerate(scheme.runs):
-            records = run.probes.get("step-loss", [])
-            if records:
-                last = records[-1]
-                axes[0].plot(last["step_sizes"], last["ratios"],
-                             **(palette.kwargs(scheme, marker="o", markersize=3) | ({} if i == 0 else {"label": None})))
-                drawn = True
-    axes[0].axhline(1.0, color="grey", linewidth=1)
-    axes[0].set(title="loss after one step / loss before (last probe)", xlabel="step size", ylabel="ratio",
-                xscale="log", yscale="log")
-    return _finish(fig, axes, drawn)
+    @staticmethod
+    def quiet_nan_warnings() -> Any:
+        return _quiet_nan_warnings()
+
+    @staticmethod
+    def grid(panels: int, width: float = 5.0) -> tuple[Figure, list[Any]]:
+        """A figure with a row of ``panels`` axes."""
+        return _figure(panels, width)
+
+    @staticmethod
+    def finish(fig: Figure, axes: Sequence[Any], drawn: bool) -> Figure | None:
+        """Legend and grid; None (and the figure closed) when nothing was drawn."""
+        return _finish(fig, axes, drawn)
 
 
 def png_bytes(fig: Figure) -> bytes:

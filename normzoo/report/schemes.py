@@ -1,5 +1,8 @@
 """Runs grouped into schemes (same settings, different seeds) and the comparison that answers the question:
-does smoothness (effective β, band widths) go with optimization speed, at equal steps and at equal loss?"""
+does smoothness go with optimization speed, at equal steps and at equal loss?
+
+Which number is "smoothness" is not the core's to say: a probe's report declares it (a :class:`Column` with
+``smoothness=True``, see :mod:`normzoo.probe_report`), and the first probe of the runs that declares one is used."""
 
 from __future__ import annotations
 
@@ -12,21 +15,60 @@ import numpy as np
 
 from normzoo.analysis import Run, probe_summaries, spearman, steps_to_accuracy, value_at_loss, varying_fields
 from normzoo.errors import NormzooError
+from normzoo.probe_report import Column, report_for
+from normzoo.spec import Param
 
 # A scheme whose training loss ends above this fraction of its first loss never left its initial plateau.
 PLATEAU_FRACTION = 0.9
 
 
 def short_value(key: str, value: Any) -> str:
-    """A spec with its defaults left out (``lp:inf`` rather than every parameter); other values as they are."""
+    """A spec with its defaults left out (``lp:inf``, ``vgg11,width=0.25`` rather than every parameter); other
+    values as they are."""
     if key in ("norm", "backbone", "dataset") and isinstance(value, str):
         try:
             from normzoo.plugins import registry
 
-            return registry({"norm": "norms", "backbone": "backbones", "dataset": "datasets"}[key]).parse(value).short()
+            resolved = registry({"norm": "norms", "backbone": "backbones", "dataset": "datasets"}[key]).resolve(value)
         except NormzooError:  # a plugin that is not installed here: show the spec as stored
             return value
+        defaults = {p.name: p.default for p in resolved.entry.params}
+        changed = [f"{name}={Param(name, type(v), v).format(v)}" for name, v in resolved.spec.args
+                   if name != resolved.spec.positional and v != defaults.get(name)]
+        return ",".join([resolved.short(), *changed])
     return str(value)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """The smoothness measure schemes are ranked by: a column a probe's report declares ``smoothness``."""
+
+    probe: str
+    column: Column
+
+    @property
+    def label(self) -> str:
+        return self.column.label
+
+    @property
+    def symbol(self) -> str:
+        return self.column.symbol or self.column.label
+
+
+def probes_in(runs: Sequence[Run]) -> list[str]:
+    """The probes the runs recorded: in the order their configs list them, then any others by name."""
+    listed = [str(spec).split(":")[0] for run in runs for spec in run.config.get("probes") or []]
+    recorded = {name for run in runs for name in run.probes}
+    return [name for name in dict.fromkeys(listed) if name in recorded] + sorted(recorded - set(listed))
+
+
+def declared_columns(runs: Sequence[Run]) -> list[tuple[str, Column]]:
+    """(probe, column) for every ranking-table column the runs' probes' reports declare."""
+    return [(probe, column) for probe in probes_in(runs) for column in report_for(probe).columns]
+
+
+def smoothness_of(runs: Sequence[Run]) -> Measure | None:
+    return next((Measure(probe, column) for probe, column in declared_columns(runs) if column.smoothness), None)
 
 
 @dataclass
@@ -38,14 +80,19 @@ class Scheme:
     runs: list[Run]
     settings: dict[str, str]
 
-    context: dict[str, float] = field(default_factory=dict)  # target accuracy and matched loss
+    context: dict[str, Any] = field(default_factory=dict)  # the smoothness measure, target accuracy, matched loss
     _stats: dict[tuple[Any, ...], dict[str, float]] = field(default_factory=dict, repr=False)
 
     @property
     def setting(self) -> str:
         """What besides the norm defines this scheme (``lr=0.1``); schemes are compared within one setting,
-        because the landscape probe's step sizes, and so β, scale with the learning rate."""
+        because a smoothness measure need not be comparable across learning rates."""
         return " ".join(f"{k}={v}" for k, v in self.settings.items() if k != "norm")
+
+    @property
+    def measure(self) -> Measure | None:
+        """The smoothness measure :func:`compute` chose for all schemes, or, without one, this scheme's own."""
+        return self.context["measure"] if "measure" in self.context else smoothness_of(self.runs)
 
     def per_seed(self, key: str) -> dict[int, float]:
         return {run.seed: self.stats(run).get(key, math.nan) for run in self.runs}
@@ -53,7 +100,7 @@ class Scheme:
     def stats(self, run: Run) -> dict[str, float]:
         key = (id(run), *sorted(self.context.items()))
         if key not in self._stats:
-            self._stats[key] = run_stats(run, self.context)
+            self._stats[key] = run_stats(run, self.context, self.measure)
         return self._stats[key]
 
     def mean(self, key: str) -> float:
@@ -99,27 +146,31 @@ def group_schemes(runs: Sequence[Run]) -> list[Scheme]:
     return list(schemes.values())
 
 
-def run_stats(run: Run, context: dict[str, float]) -> dict[str, float]:
-    """The numbers of one run the comparison uses; ``context`` holds the target accuracy and matched loss."""
-    landscape = run.probes.get("landscape", [])
-    summary = probe_summaries(run.probes)
+def run_stats(run: Run, context: dict[str, Any], measure: Measure | None) -> dict[str, float]:
+    """The numbers of one run the comparison uses: its final ones, the steps to the target accuracy, every probe
+    summary, and ``smoothness`` (at equal steps) and ``smoothness_matched`` (at the matched loss) from
+    ``measure``; ``context`` holds the target accuracy and matched loss."""
+    summary = probe_summaries(run.probes, run.config)
     acc_target, loss_level = context.get("target_acc", math.nan), context.get("matched_loss", math.nan)
-    return {
+    stats = {
+        **summary,
         "train_loss": run.final("train_loss"), "train_acc": run.final("train_acc"),
         "test_acc": run.final("test_acc"),
         "steps_to_target": steps_to_accuracy(run, acc_target) if math.isfinite(acc_target) else math.nan,
-        "beta": summary.get("landscape_beta_median", math.nan),
-        "loss_band": summary.get("landscape_loss_band_median", math.nan),
-        "grad_band": summary.get("landscape_grad_band_median", math.nan),
-        "beta_matched": value_at_loss(landscape, "beta", loss_level) if math.isfinite(loss_level) else math.nan,
-        "hessian": summary.get("hessian_eigenvalue_median", math.nan),
-        "ics_l2": summary.get("ics_l2_median", math.nan), "ics_cos": summary.get("ics_cos_median", math.nan),
+        "smoothness": math.nan, "smoothness_matched": math.nan,
     }
+    if measure is not None:
+        stats["smoothness"] = summary.get(measure.column.key, math.nan)
+        if measure.column.per_record and math.isfinite(loss_level):
+            stats["smoothness_matched"] = value_at_loss(run.probes.get(measure.probe, []), measure.column.per_record,
+                                                        loss_level)
+    return stats
 
 
 def choose_targets(schemes: Sequence[Scheme], target_acc: float | None) -> dict[str, float]:
     """The target training accuracy (default: 80 % of the best scheme's final one, down to a multiple of 5 %)
-    and the matched loss: the lowest probe-batch loss that every scheme that trained reaches."""
+    and the matched loss: the lowest probe-batch loss (the ``loss`` field of the smoothness measure's probe) that
+    every scheme that trained reaches."""
     finals = [s.mean("train_acc") for s in schemes]
     finals = [f for f in finals if math.isfinite(f)]
     if target_acc is None and finals:
@@ -128,7 +179,8 @@ def choose_targets(schemes: Sequence[Scheme], target_acc: float | None) -> dict[
     for scheme in schemes:
         if scheme.plateaued:
             continue
-        losses = [min((r["loss"] for r in run.probes.get("landscape", []) if _finite(r.get("loss"))),
+        probe = scheme.measure.probe if scheme.measure else ""
+        losses = [min((r["loss"] for r in run.probes.get(probe, []) if _finite(r.get("loss"))),
                       default=math.nan) for run in scheme.runs]
         lows.append(max(losses) if losses else math.nan)
     lows = [v for v in lows if math.isfinite(v)]
@@ -141,12 +193,19 @@ def _finite(value: Any) -> bool:
 
 
 def correlations(schemes: Sequence[Scheme]) -> list[dict[str, Any]]:
-    """Spearman ρ across schemes, per seed, between a smoothness measure and a speed/accuracy measure."""
-    pairs = [("beta", "steps_to_target", "median β (equal steps) vs steps to target accuracy"),
-             ("beta_matched", "steps_to_target", "β at matched loss vs steps to target accuracy"),
-             ("beta", "test_acc", "median β (equal steps) vs final test accuracy"),
-             ("beta_matched", "test_acc", "β at matched loss vs final test accuracy"),
-             ("loss_band", "steps_to_target", "loss-variation band vs steps to target accuracy")]
+    """Spearman ρ across schemes, per seed, between the smoothness measure (and the columns the probes' reports
+    mark ``correlate``) and a speed/accuracy measure; each row names its ``x`` and ``y`` stats."""
+    measure = schemes[0].measure if schemes else None
+    if measure is None:
+        return []
+    smoothness = [("smoothness", f"{measure.label} (equal steps)")]
+    if measure.column.per_record:
+        smoothness.append(("smoothness_matched", f"{measure.symbol} at matched loss"))
+    pairs = [(x, y, f"{x_name} vs {y_name}") for y, y_name in (("steps_to_target", "steps to target accuracy"),
+                                                                ("test_acc", "final test accuracy"))
+             for x, x_name in smoothness]
+    pairs += [(column.key, "steps_to_target", f"{column.label} vs steps to target accuracy")
+              for _, column in declared_columns([run for s in schemes for run in s.runs]) if column.correlate]
     seeds = sorted({run.seed for s in schemes for run in s.runs})
     rows = []
     for x, y, title in pairs:
@@ -158,7 +217,7 @@ def correlations(schemes: Sequence[Scheme]) -> list[dict[str, Any]]:
                 ys = [-v for v in ys]
             rhos.append(spearman(xs, ys))
         finite = [r for r in rhos if math.isfinite(r)]
-        rows.append({"comparison": title, "rho_mean": float(np.mean(finite)) if finite else math.nan,
+        rows.append({"x": x, "y": y, "comparison": title, "rho_mean": float(np.mean(finite)) if finite else math.nan,
                      "rho_min": min(finite, default=math.nan), "rho_max": max(finite, default=math.nan),
                      "seeds": len(finite), "schemes": len(schemes)})
     return rows
@@ -172,11 +231,15 @@ def by_setting(schemes: Sequence[Scheme]) -> dict[str, list[Scheme]]:
 
 
 def compute(runs: Sequence[Run], target_acc: float | None = None) -> tuple[list[Scheme], dict[str, float]]:
-    """Schemes with their context: one target accuracy for all, a matched loss per setting."""
+    """Schemes with their context: one smoothness measure and one target accuracy for all, a matched loss per
+    setting."""
     schemes = group_schemes(runs)
+    measure = smoothness_of(runs)
+    for scheme in schemes:
+        scheme.context = {"measure": measure}
     targets = choose_targets(schemes, target_acc)
     for group in by_setting(schemes).values():
         matched = choose_targets(group, targets["target_acc"])["matched_loss"]
         for scheme in group:
-            scheme.context = {"target_acc": targets["target_acc"], "matched_loss": matched}
+            scheme.context = {"measure": measure, "target_acc": targets["target_acc"], "matched_loss": matched}
     return schemes, targets

@@ -102,6 +102,7 @@ class ActivationsProbe(Probe):
     """
 
     name = "activations"
+    report = "normzoo_probes.reports.activations:ActivationsReport"
     summary = "per-layer mean/variance of norm inputs and outputs and their drift since the previous measurement"
     reference = "Santurkar et al. 2018, How Does Batch Normalization Help Optimization?, Fig. 2 and 8"
 

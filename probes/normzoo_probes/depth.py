@@ -22,6 +22,7 @@ class GradNormsProbe(Probe):
     model; ``loss``. One forward and backward."""
 
     name = "grad-norms"
+    report = "normzoo_probes.reports.depth:GradNormsReport"
     summary = "per-layer gradient norms ‖∇W_i L‖ through depth, and the total gradient norm"
     reference = "Bjorck et al. 2018, Understanding Batch Normalization, §3"
 
@@ -56,6 +57,7 @@ class DepthScalingProbe(Probe):
     1/√batch); ``loss``. One forward and one backward."""
 
     name = "depth-scaling"
+    report = "normzoo_probes.reports.depth:DepthScalingReport"
     summary = "activation magnitudes and output-gradient norms through depth"
     reference = "Bjorck et al. 2018, Understanding Batch Normalization, §3 (explosion with depth without BN)"
 

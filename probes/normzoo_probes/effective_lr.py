@@ -35,7 +35,6 @@ import math
 
 import torch
 
-from normzoo.errors import SpecError
 from normzoo.probe import Probe, ProbeContext, Values, preserved_state
 from normzoo_probes.common import batch_loss, clone_all, to_floats
 from normzoo_probes.scale_invariance import InvarianceCache, check_tol, weighted_layers
@@ -60,6 +59,7 @@ class EffectiveLRProbe(Probe):
     output change under w → 2w that still counts as scale-invariant."""
 
     name = "effective-lr"
+    report = "normzoo_probes.reports.effective_lr:EffectiveLRReport"
     summary = "per layer ‖w‖, effective learning rate lr/‖w‖², angular update per step, and which are scale-invariant"
     reference = ("van Laarhoven 2017, L2 Regularization versus Batch and Weight Normalization; Lyu, Li & Arora 2022, "
                  "Understanding the Generalization Benefit of Normalization Layers (NeurIPS)")

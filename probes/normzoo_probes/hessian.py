@@ -87,6 +87,7 @@ class HessianProbe(Probe):
     """
 
     name = "hessian"
+    report = "normzoo_probes.reports.hessian:HessianReport"
     summary = "top Hessian eigenvalue (power iteration) and trace (Hutchinson) of the batch loss"
     reference = ("Yao et al. 2020, PyHessian: Neural Networks Through the Lens of the Hessian; "
                  "Hutchinson 1989 (trace estimator)")

@@ -49,6 +49,7 @@ class ICSProbe(Probe):
     """
 
     name = "ics"
+    report = "normzoo_probes.reports.ics:ICSReport"
     summary = "internal covariate shift per layer: ‖G_i − G'_i‖ and cos(G_i, G'_i) after the earlier layers' update"
     reference = "Santurkar et al. 2018, How Does Batch Normalization Help Optimization?, Definition 2.1"
 

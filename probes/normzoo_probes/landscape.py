@@ -113,6 +113,7 @@ class LandscapeProbe(Probe):
     """
 
     name = "landscape"
+    report = "normzoo_probes.reports.landscape:LandscapeReport"
     summary = "loss variation, gradient predictiveness and effective β-smoothness along the gradient"
     reference = "Santurkar et al. 2018, How Does Batch Normalization Help Optimization?, §3.2 and App. A.2.2"
 

@@ -49,6 +49,7 @@ from normzoo.probe import Probe, ProbeContext, Values, preserved_state
 from normzoo_probes.common import batch_loss, loss_on, rng_rewinder, seeded_generator, trainable
 from normzoo_probes.hessian import hvp_operator
 from normzoo_probes.lanczos import flat_start, lanczos
+from normzoo_probes.stability import sgd_threshold
 
 WARM_NOISE = 0.1  # size of the random part of a warm start, relative to the unit previous Ritz vector
 
@@ -56,24 +57,14 @@ WARM_NOISE = 0.1  # size of the random part of a warm start, relative to the uni
 def stability_threshold(optimizer: torch.optim.Optimizer, lr: float) -> tuple[float, str, str | None]:
     """(threshold on λ_max, the formula used, a note when there is none) for ``optimizer`` at learning rate ``lr``
     (momentum, dampening and Nesterov read from its first param group); see the module docstring."""
-    if not (lr > 0 and math.isfinite(lr)):
-        return math.nan, "none", f"learning rate {lr}: no step, no stability threshold"
     if not isinstance(optimizer, torch.optim.SGD):
+        if not (lr > 0 and math.isfinite(lr)):
+            return math.nan, "none", f"learning rate {lr}: no step, no stability threshold"
         return math.nan, "none", (f"no stability threshold for {type(optimizer).__name__}: adaptive optimizers are "
                                   "stable with respect to the preconditioned Hessian, not this one")
     group = optimizer.param_groups[0]
-    mu, dampening = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
-    if mu == 0:
-        return 2 / lr, "2/lr", None
-    if mu >= 1:
-        return math.nan, "none", f"momentum {mu} ≥ 1: heavy ball is unstable at every curvature"
-    if group.get("nesterov", False):
-        return (2 + 2 * mu) / ((1 + 2 * mu) * lr), "(2+2*momentum)/((1+2*momentum)*lr) (Nesterov)", None
-    if dampening >= 1:
-        return math.nan, "none", f"dampening {dampening} ≥ 1: the step ignores the gradient"
-    if dampening:
-        return (2 + 2 * mu) / ((1 - dampening) * lr), "(2+2*momentum)/((1-dampening)*lr)", None
-    return (2 + 2 * mu) / lr, "(2+2*momentum)/lr", None
+    return sgd_threshold(lr, float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)),
+                         bool(group.get("nesterov", False)))
 
 
 class SharpnessProbe(Probe):
@@ -87,6 +78,7 @@ class SharpnessProbe(Probe):
     """
 
     name = "sharpness"
+    report = "normzoo_probes.reports.sharpness:SharpnessReport"
     summary = "λ_max of the loss Hessian (Lanczos) and λ_max / stability threshold (2/lr, (2+2μ)/lr)"
     reference = ("Cohen et al. 2021, Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability "
                  "(ICLR); Lanczos with full reorthogonalization")

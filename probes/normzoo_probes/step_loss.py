@@ -22,6 +22,7 @@ class StepLossProbe(Probe):
     """
 
     name = "step-loss"
+    report = "normzoo_probes.reports.step_loss:StepLossReport"
     summary = "relative loss L(θ − ηg)/L(θ) after one gradient step, per step size"
     reference = "Bjorck et al. 2018, Understanding Batch Normalization, §2"
 

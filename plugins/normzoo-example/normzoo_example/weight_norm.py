@@ -17,6 +17,8 @@ class WeightNormProbe(Probe):
     """
 
     name = "weight-norm"
+    # How `normzoo report` shows it (optional: without it the report gives the probe a generic section).
+    report = "normzoo_example.weight_norm_report:WeightNormReport"
     summary = "ℓ2 norm of every conv/linear weight and their total"
     reference = "van Laarhoven 2017, arXiv:1706.05350"
 

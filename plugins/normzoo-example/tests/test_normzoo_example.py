@@ -42,3 +42,13 @@ def test_weight_norm_probe_reads_every_weight():
     assert values["weight_norm"] == [float(model[0].weight.detach().norm()), float(model[2].weight.detach().norm())]
     assert values["total"] == math.hypot(*values["weight_norm"])
     assert probe.due(20, 100) and not probe.due(21, 100)
+
+
+def test_the_probe_has_its_own_report():
+    from normzoo.probe_report import report_for
+
+    report = report_for("weight-norm")
+    assert type(report).__name__ == "WeightNormReport"
+    records = [{"step": s, "weight_norm": [1.0, 2.0], "total": t} for s, t in ((0, 1.0), (3, 3.0), (6, 4.0))]
+    assert report.summarize(records, {})["weight_norm_total_median"] == 3.0
+    assert [column.key for column in report.columns] == ["weight_norm_total_median"]
