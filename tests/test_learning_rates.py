@@ -206,10 +206,12 @@ def test_verdict_cannot_tell_and_says_why():
 
 
 # -- the section in the report ----------------------------------------------------------------------------------
-def test_smoothness_of_reads_the_median_effective_beta():
+def test_smoothness_is_the_measure_a_probe_report_declares():
     run = make_run("bn", 0.1, 0, beta=7.0)
     run.probes["landscape"] += [{"step": 20, "beta": 3.0}, {"step": 30, "beta": 100.0}]
-    assert smoothness_of(run) == 7.0 and math.isnan(smoothness_of(make_run("bn", 0.1, 0)))
+    bare = make_run("bn", 0.1, 1)
+    assert smoothness_of([run])(run) == 7.0  # landscape's report declares its median effective β
+    assert math.isnan(smoothness_of([run, bare])(bare)) and math.isnan(smoothness_of([bare])(bare))
 
 
 def test_the_section_is_added_only_when_the_learning_rate_varies():

@@ -227,3 +227,24 @@ def test_a_report_that_cannot_be_loaded_falls_back_and_says_so(third_party_probe
     third_party_probes.register(Plugin(), name="nz-test-broken-report")
     assert type(report_for("nz-broken-report")) is ProbeReport
     assert "its report 'nz_test_probe_reports:NoSuchReport' cannot be used" in capsys.readouterr().err
+
+
+def test_a_log_scaled_panel_with_nothing_positive_stays_linear_instead_of_failing():
+    # A scheme whose runs diverged before a second activations measurement has a drift curve of NaN only; on a log
+    # axis that made matplotlib's layout raise and took the whole report down.
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from normzoo.report.figures import _fitting_scale
+
+    fig, (empty, drawn) = plt.subplots(1, 2)
+    for ax in (empty, drawn):
+        ax.plot([75.0], [np.nan], marker="o")
+        ax.fill_between([75.0], [np.nan], [np.nan])
+    drawn.plot([75.0, 150.0], [0.0, 0.3])
+    assert _fitting_scale(empty, "log") == "linear" and _fitting_scale(drawn, "log") == "log"
+    assert _fitting_scale(empty, "symlog") == "symlog"
+    for ax in (empty, drawn):
+        ax.set(yscale=_fitting_scale(ax, "log"))
+    fig.tight_layout()
+    plt.close(fig)

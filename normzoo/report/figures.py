@@ -111,6 +111,15 @@ def _finish(fig: Figure, axes: Sequence[Any], drawn: bool) -> Figure | None:
     return fig
 
 
+def _fitting_scale(ax: Any, scale: str) -> str:
+    """``scale``, unless it is log and nothing drawn on ``ax`` is positive (say, drifts that are all 0): matplotlib
+    cannot lay out such an axis, so it stays linear."""
+    if scale != "log":
+        return scale
+    values = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+    return scale if any(np.any(np.isfinite(v) & (v > 0)) for v in values) else "linear"
+
+
 def _panels(schemes: Sequence[Scheme], palette: Palette,
             panels: Sequence[tuple[str, Records, Any, str, str]], xlabel: str = "step") -> Figure | None:
     """A row of panels, each (title, records of a run, value key, y scale, y label), one curve per scheme."""
@@ -119,7 +128,7 @@ def _panels(schemes: Sequence[Scheme], palette: Palette,
     for ax, (title, records, key, scale, ylabel) in zip(axes, panels):
         for scheme in schemes:
             drawn |= plot_over_seeds(ax, scheme, palette, records, key)
-        ax.set(title=title, xlabel=xlabel, ylabel=ylabel, yscale=scale)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel, yscale=_fitting_scale(ax, scale))
     return _finish(fig, axes, drawn)
 
 
@@ -155,7 +164,7 @@ def per_layer(schemes: Sequence[Scheme], palette: Palette, probe: str,
                 ax.plot(np.arange(1, width + 1), np.nanmedian(table, 0),
                         **palette.kwargs(scheme, marker="o", markersize=3))
             drawn = True
-        ax.set(title=title, xlabel="tracked layer (input → output)", yscale=scale)
+        ax.set(title=title, xlabel="tracked layer (input → output)", yscale=_fitting_scale(ax, scale))
     return _finish(fig, axes, drawn)
 
 

@@ -1,5 +1,5 @@
 """The learning-rate side of the report: does a normalization help at equal learning rate, or by letting a
-network train at a larger one (Bjorck et al. 2018)? And is the smoothness the landscape probe measures a property
+network train at a larger one (Bjorck et al. 2018)? And is the smoothness a probe measures a property
 of the scheme, or is it set by the learning rate, as the edge of stability predicts (β settles near 2/η)?
 
 Pure functions of read-back runs, plus :func:`section`, which adds them to a report. The rules, in one place:
@@ -27,7 +27,8 @@ import numpy as np
 
 from normzoo.analysis import Run, probe_summaries, spearman, steps_to_accuracy
 from normzoo.report.render import Document, Table, cell
-from normzoo.report.schemes import PLATEAU_FRACTION, _loss_ratio, group_schemes
+from normzoo.report import schemes as ranking
+from normzoo.report.schemes import PLATEAU_FRACTION, group_schemes, loss_ratio
 
 # A run trains when its last training loss is below this fraction of its first: the same line that marks a scheme
 # as never having left its initial plateau in the main comparison.
@@ -40,10 +41,13 @@ LEVEL = 0.9
 N_BOOT = 2000
 
 
-def smoothness_of(run: Run) -> float:
-    """The run's smoothness for this section: its median effective β over training (NaN without one). The one
-    place this section names a probe, so the measure can be redirected without touching the rest."""
-    return probe_summaries(run.probes).get("landscape_beta_median", math.nan)
+def smoothness_of(runs: Sequence[Run]) -> Callable[[Run], float]:
+    """Each run's smoothness for this section: the summary value of the measure a probe's report declares as the
+    smoothness measure (the one the ranking uses; NaN for every run when no probe declares one)."""
+    measure = ranking.smoothness_of(runs)
+    if measure is None:
+        return lambda run: math.nan
+    return lambda run: probe_summaries(run.probes, run.config).get(measure.column.key, math.nan)
 
 
 def lr_of(run: Run) -> float:
@@ -55,7 +59,7 @@ def trains(run: Run, *, chance: float | None = None) -> bool:
     """Whether ``run`` trained at its learning rate (rule in the module docstring). A loss ratio rather than an
     absolute loss, so that the rule holds for any dataset; the accuracy check guards against a loss that falls
     only by becoming confident about the majority class."""
-    ratio = _loss_ratio(run)  # NaN for a diverged run or one with fewer than two records
+    ratio = loss_ratio(run)  # NaN for a diverged run or one with fewer than two records
     if not (math.isfinite(ratio) and ratio < TRAIN_LOSS_FRACTION):
         return False
     return chance is None or run.final("test_acc") > chance + CHANCE_MARGIN
@@ -296,11 +300,13 @@ class LrCorrelations:
 
 
 def lr_correlations(runs: Sequence[Run], speed: Callable[[Run], float], *,
-                    smoothness: Callable[[Run], float] = smoothness_of, level: float = LEVEL,
+                    smoothness: Callable[[Run], float] | None = None, level: float = LEVEL,
                     n_boot: int = N_BOOT, seed: int = 0) -> LrCorrelations:
     """ρ(smoothness, speed) across all runs and among the runs of each learning rate, ρ of the smoothness relative
     to 2/η with speed, and ρ(smoothness, lr). Runs are resampled one by one (with two or three seeds, resampling
-    seeds would leave too few groups for an interval)."""
+    seeds would leave too few groups for an interval). ``smoothness``: :func:`smoothness_of` by default."""
+    smoothness = smoothness or smoothness_of(runs)
+
     def relative(run: Run) -> float:
         return smoothness(run) * lr_of(run) / 2
 
@@ -372,13 +378,16 @@ def _key_of(mapping: dict[float, Correlation], value: Correlation) -> float:
 
 # -- the section ------------------------------------------------------------------------------------------------
 def section(doc: Document, runs: Sequence[Run], target_acc: float | None = None, *,
-            chance: float | None = None, smoothness: Callable[[Run], float] = smoothness_of) -> bool:
+            chance: float | None = None, smoothness: Callable[[Run], float] | None = None) -> bool:
     """Add "Learning rate or normalization?" to ``doc`` when the runs use at least 2 learning rates; returns
     whether it did. ``target_acc`` (the report's speed target) makes speed the steps to it, else the final test
     accuracy; ``chance`` (1/classes, when known) adds the accuracy check to "trains"."""
     lrs = {lr_of(r) for r in runs if math.isfinite(lr_of(r))}
     if len(lrs) < 2:
         return False
+    smoothness = smoothness or smoothness_of(runs)
+    measure = ranking.smoothness_of(runs)
+    named = f"β = {measure.label}, the smoothness measure of the {measure.probe} probe" if measure else "β"
     target = _target(target_acc)
     schemes = lr_schemes(runs)
     table, shared = lr_table(schemes, target, chance=chance)
@@ -395,14 +404,14 @@ def section(doc: Document, runs: Sequence[Run], target_acc: float | None = None,
     doc.paragraph(reading(schemes, shared, target, chance=chance))
     speed_name = outcome_name(target)
     if not any(math.isfinite(smoothness(r)) for r in runs):
-        doc.paragraph("No run has a smoothness value (median effective β), so smoothness cannot be set against "
-                      "speed and the learning rate.")
+        doc.paragraph("No run has a smoothness value (no probe of these runs declares a smoothness measure, or "
+                      "none measured it), so smoothness cannot be set against speed and the learning rate.")
         return True
     correlations = lr_correlations(runs, lambda r: outcome(r, target), smoothness=smoothness)
     rows = [[c.label, c.rho, c.low, c.high, c.n] for c in
             (correlations.overall, correlations.relative, correlations.with_lr, *correlations.within.values())]
     doc.table(Table(["comparison", "Spearman ρ", f"{LEVEL:.0%} CI low", "high", "runs"], rows,
-                    f"Smoothness (median effective β) against {speed_name} and the learning rate, bootstrap over "
+                    f"Smoothness ({named}) against {speed_name} and the learning rate, bootstrap over "
                     f"runs ({N_BOOT} resamples); – where fewer than 4 runs have both numbers"))
     doc.paragraph(verdict(correlations, speed_name=speed_name, lower_is_better=target is not None))
     return True

@@ -113,7 +113,7 @@ class Scheme:
     @property
     def plateaued(self) -> bool:
         """On average over seeds, the last logged training loss is still ≥ PLATEAU_FRACTION of the first."""
-        ratios = [_loss_ratio(run) for run in self.runs]
+        ratios = [loss_ratio(run) for run in self.runs]
         ratios = [r for r in ratios if math.isfinite(r)]
         return bool(ratios) and float(np.mean(ratios)) >= PLATEAU_FRACTION
 
@@ -123,7 +123,7 @@ def _nanmean(values: Any) -> float:
     return float(np.mean(finite)) if finite else (math.inf if any(v == math.inf for v in values) else math.nan)
 
 
-def _loss_ratio(run: Run) -> float:
+def loss_ratio(run: Run) -> float:
     """Last logged training loss over the first (NaN for a run with fewer than two records or a diverged one)."""
     if len(run.train) < 2 or run.status == "diverged":
         return math.nan
