@@ -42,6 +42,20 @@ class Run:
     def seed(self) -> int:
         return int(self.config.get("seed", 0))
 
+    def chance(self) -> float | None:
+        """The accuracy of guessing, 1 / classes, from the header of the run's checkpoint (best, else last); None
+        for a run that measures no accuracy (regression) or whose checkpoints were not kept."""
+        if not any("acc" in record for record in self.evals):
+            return None
+        from normzoo.checkpoint import read_checkpoint_info
+
+        for name in ("best.safetensors", "last.safetensors"):
+            try:
+                return 1 / int(read_checkpoint_info(self.path / name)["num_classes"])
+            except (NormzooError, KeyError, ValueError, TypeError, ZeroDivisionError):
+                continue
+        return None
+
     def final(self, key: str) -> float:
         """A summary number (``test_acc``, ``train_loss``, ...), NaN where the run has none."""
         try:

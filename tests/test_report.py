@@ -114,6 +114,17 @@ def runs_dir(tmp_path_factory):
     return root
 
 
+def test_a_run_knows_its_chance_accuracy_from_its_checkpoint(runs_dir, tmp_path):
+    from normzoo.analysis import load_run
+
+    assert load_run(runs_dir / "bn-s0").chance() == pytest.approx(0.1)  # Fashion-MNIST's 10 classes
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "metrics.jsonl", "summary.csv"):  # a run folder whose checkpoints were not kept
+        (bare / name).write_bytes((runs_dir / "bn-s0" / name).read_bytes())
+    assert load_run(bare).chance() is None
+
+
 def test_report_files_are_complete_and_self_contained(runs_dir):
     result = CliRunner().invoke(cli, ["report", str(runs_dir), "--target-acc", "0.3"])
     assert result.exit_code == 0, result.output

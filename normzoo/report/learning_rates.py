@@ -381,11 +381,15 @@ def section(doc: Document, runs: Sequence[Run], target_acc: float | None = None,
             chance: float | None = None, smoothness: Callable[[Run], float] | None = None) -> bool:
     """Add "Learning rate or normalization?" to ``doc`` when the runs use at least 2 learning rates; returns
     whether it did. ``target_acc`` (the report's speed target) makes speed the steps to it, else the final test
-    accuracy; ``chance`` (1/classes, when known) adds the accuracy check to "trains"."""
+    accuracy; ``chance`` (1/classes; by default the runs' own, read from their checkpoints' headers) adds the
+    accuracy check to "trains"."""
     lrs = {lr_of(r) for r in runs if math.isfinite(lr_of(r))}
     if len(lrs) < 2:
         return False
     smoothness = smoothness or smoothness_of(runs)
+    if chance is None:  # the runs' own, when those that know it agree (their checkpoints are there)
+        chances = {known for run in runs if (known := run.chance()) is not None}
+        chance = chances.pop() if len(chances) == 1 else None
     measure = ranking.smoothness_of(runs)
     named = f"β = {measure.label}, the smoothness measure of the {measure.probe} probe" if measure else "β"
     target = _target(target_acc)
