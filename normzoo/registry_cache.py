@@ -8,7 +8,7 @@ it and import a factory only when something is built from it.
 
 The file is valid only for the installation that wrote it: its fingerprint covers normzoo's version, the Python
 version, the plugin selection (``NORMZOO_LOAD_PLUGINS``), the installed entry points with their distributions'
-versions, the site-packages folders (an install or uninstall changes them) and the size and modification time of
+versions, the distributions installed in the site-packages folders and the size and modification time of
 every source file of normzoo and of each plugin's package (editable installs change those). Any difference
 refills the registries. A plugin whose factories cannot be named by import path (a lambda, a class made inside a
 function) is marked live: its module is imported and its hooks called in every process, as without a cache.
@@ -80,16 +80,23 @@ def _source_stats(root: Path | None) -> Iterable[str]:
         yield f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}"
 
 
+def _installed(folder: str) -> list[str]:
+    """What an install or uninstall changes in a site-packages folder: its distributions' metadata folders (name and
+    version) and path files. Not the folder's modification time: Python changes that when it first writes bytecode
+    of a top-level module there, as every process does after an install that compiled none (``uv pip install``)."""
+    try:
+        return sorted(name for name in os.listdir(folder) if name.endswith((".dist-info", ".egg-info", ".pth")))
+    except OSError:
+        return []
+
+
 def fingerprint(entry_points: Iterable[Any], version: str) -> str:
     """A digest of everything the installed plugins' registrations depend on (see the module docstring)."""
     digest = hashlib.sha256()
     parts = [str(CACHE_VERSION), version, sys.version, os.environ.get("NORMZOO_LOAD_PLUGINS", "<unset>")]
     folders = [*site.getsitepackages(), site.getusersitepackages()] if hasattr(site, "getsitepackages") else []
     for folder in folders:
-        try:
-            parts.append(f"{folder}\0{os.stat(folder).st_mtime_ns}")
-        except OSError:
-            continue
+        parts.append(f"{folder}\0" + "\0".join(_installed(folder)))
     parts += _source_stats(_package_root("normzoo"))
     for ep in entry_points:
         dist = getattr(ep, "dist", None)

@@ -30,6 +30,7 @@ from normzoo.errors import (NormzooError, PluginError, RunFailed, describe_error
 from normzoo.evaluate import evaluate
 from normzoo.lock import RunLock
 from normzoo.loggers import Loggers
+from normzoo.optim import SGD, Adam
 from normzoo.probe import Probe, ProbeContext
 from normzoo.rundir import RunDir, RunSummary, claim_new_run
 
@@ -134,8 +135,8 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
     params: Any = model.parameters() if not skip else [
         {"params": decay}, {"params": [p for p in model.parameters() if id(p) in skip], "weight_decay": 0.0}]
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def no_decay_parameters(model: nn.Module, rule: str) -> set[int]:

@@ -1,11 +1,11 @@
 """Sweeps: the grid of runs behind one command, run into one folder, resumable.
 
-Each run is a ``normzoo run`` subprocess (``python -m normzoo run ... --out SWEEP --run-name NAME``), so a run that
-crashes, diverges or runs out of memory never takes the sweep down, and its exact command is printed and kept in the
-run's ``sweep-run.json``. An executor runs those commands: :class:`LocalExecutor` as child processes of the sweep,
-``normzoo.sweep_ray.RayExecutor`` as Ray tasks, ``normzoo.sweep_slurm.SlurmExecutor`` as SLURM jobs; everything else
-here is the same for all of them. Re-running the same sweep
-command looks at each run folder and skips finished (or diverged) runs, resumes interrupted ones from their
+Each run is a ``normzoo run`` process (``python -m normzoo run ... --out SWEEP --run-name NAME``; on the CPU a fork
+of the sweep, see :mod:`normzoo.forked_run`), so a run that crashes, diverges or runs out of memory never takes the
+sweep down, and its exact command is printed and kept in the run's ``sweep-run.json``. An executor runs those
+commands: :class:`LocalExecutor` as child processes of the sweep, ``normzoo.sweep_ray.RayExecutor`` as Ray tasks,
+``normzoo.sweep_slurm.SlurmExecutor`` as SLURM jobs; everything else here is the same for all of them. Re-running the
+same sweep command looks at each run folder and skips finished (or diverged) runs, resumes interrupted ones from their
 checkpoint, and leaves failed ones alone unless asked to retry them. ``sweep.csv`` is rewritten after every run, one
 row per run.
 """
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from normzoo.errors import NormzooError
+from normzoo.forked_run import ForkedProcess, fork_run, preload, prepare_parent, runs_fork
 from normzoo.io import atomic_write_json
 from normzoo.lock import RunLock, RunLocked, describe_holder, holder_of
 from normzoo.rundir import SUMMARY_FIELDS, RunDir, write_csv
@@ -233,7 +234,7 @@ class Slot:
 
     env: dict[str, str]
     run: PlannedRun | None = None
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | ForkedProcess | None = None
     started: float = 0.0
 
 
@@ -251,11 +252,16 @@ def slot_environments(jobs: int, gpus: int, device: str) -> list[dict[str, str]]
 
 
 class LocalExecutor:
-    """Runs are child processes of the sweep, up to ``jobs`` at once, each in a :class:`Slot`."""
+    """Runs are child processes of the sweep, up to ``jobs`` at once, each in a :class:`Slot`.
+
+    On the CPU they are forks of the sweep (:mod:`normzoo.forked_run`), which imports torch once for all of them;
+    elsewhere each is a fresh ``python -m normzoo run``.
+    """
 
     def __init__(self, jobs: int = 1, device: str = "auto") -> None:
         self.jobs, self.device = jobs, device
         self.slots: list[Slot] = []
+        self.fork = False
 
     @classmethod
     def for_runs(cls, runs: Sequence[PlannedRun], jobs: int = 1) -> LocalExecutor:
@@ -263,7 +269,10 @@ class LocalExecutor:
         return cls(jobs, str(runs[0].options.get("device") or "auto") if runs else "auto")
 
     def __enter__(self) -> LocalExecutor:
-        gpus = cuda_device_count() if self.jobs > 1 else 0
+        self.fork = runs_fork(self.device)
+        if self.fork:
+            prepare_parent()
+        gpus = cuda_device_count() if self.jobs > 1 and not self.fork else 0
         self.slots = [Slot(env) for env in slot_environments(self.jobs, gpus, self.device)]
         return self
 
@@ -286,11 +295,16 @@ class LocalExecutor:
         slot = next(slot for slot in self.slots if slot.process is None)
         handed = lock.hand_over() if lock is not None else {}
         try:
-            with log.open("ab") as out:
-                # Its own session: a Ctrl-C in the terminal reaches the sweep only, which passes it on as one SIGTERM.
-                slot.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, env={**os.environ, **slot.env, **handed},
-                                                start_new_session=True, pass_fds=(lock.fd,) if lock else ())
+            if self.fork:
+                preload()  # once: a sweep with nothing left to run imports no torch
+                slot.process = fork_run(command, log, {**slot.env, **handed})
+            else:
+                with log.open("ab") as out:
+                    # Its own session: a Ctrl-C in the terminal reaches the sweep only, which passes it on as one
+                    # SIGTERM.
+                    slot.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                                    stdin=subprocess.DEVNULL, env={**os.environ, **slot.env, **handed},
+                                                    start_new_session=True, pass_fds=(lock.fd,) if lock else ())
         finally:
             if lock is not None:
                 lock.detach()  # the run's process holds the lock now (or, if it did not start, nobody does)

@@ -32,11 +32,13 @@ def python(code: str, cache: Path, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def warm_cache(tmp_path_factory) -> Path:
-    """A cache folder filled by one ``normzoo plugins`` process."""
+    """A cache folder filled as the first process after an install fills it: here by this one, which has imported
+    the plugins already (a process of its own would spend its start-up importing them again)."""
     cache = tmp_path_factory.mktemp("cache")
-    filled = subprocess.run([sys.executable, "-m", "normzoo", "plugins"], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "NORMZOO_CACHE_DIR": str(cache)})
-    assert filled.returncode == 0, filled.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NORMZOO_CACHE_DIR", str(cache))
+        patch.delenv("NORMZOO_NO_CACHE", raising=False)
+        assert "bn" in Plugins().registry("norms")
     assert list(cache.glob("registries-*.json"))
     return cache
 
@@ -198,3 +200,21 @@ def test_no_cache_and_an_unwritable_cache_folder_change_nothing(monkeypatch, tmp
     monkeypatch.setenv("NORMZOO_NO_CACHE", "1")
     plugins = Plugins()
     assert plugins._cache_file is None and "bn" in plugins.registry("norms")
+
+
+def test_the_fingerprint_follows_installs_not_bytecode_writes(monkeypatch, tmp_path):
+    """A fresh ``uv pip install`` compiles no bytecode: the processes after it write ``__pycache__`` at the
+    site-packages root, which must not refill the registries in every one of them."""
+    import normzoo.registry_cache as registry_cache
+
+    monkeypatch.setattr(registry_cache.site, "getsitepackages", lambda: [str(tmp_path)])
+    monkeypatch.setattr(registry_cache.site, "getusersitepackages", lambda: str(tmp_path / "user"))
+    before = registry_cache.fingerprint([], "1")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "six.cpython-311.pyc").write_bytes(b"")
+    assert registry_cache.fingerprint([], "1") == before
+    (tmp_path / "six-1.17.0.dist-info").mkdir()
+    installed = registry_cache.fingerprint([], "1")
+    assert installed != before
+    (tmp_path / "six-1.17.0.dist-info").rename(tmp_path / "six-1.18.0.dist-info")
+    assert registry_cache.fingerprint([], "1") not in (before, installed)
