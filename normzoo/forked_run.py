@@ -73,37 +73,48 @@ class ForkedProcess:
 
 def fork_run(command: Sequence[str], log: Path, env: Mapping[str, str]) -> ForkedProcess:
     """Start ``command`` (``[python, "-m", "normzoo", ...]``) as a forked child; see the module's text."""
-    args = list(command[command.index("normzoo") + 1:])
     out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        sys.stdout.flush(), sys.stderr.flush()  # what the sweep printed must not be printed again by the child
-        pid = os.fork()
-        if pid == 0:
-            _child(args, out, env)
+        return fork_cli(command[command.index("normzoo") + 1:], stdout=out, stderr=out, env=env)
     finally:
         os.close(out)
+
+
+def fork_cli(args: Sequence[str], *, stdout: int, stderr: int, env: Mapping[str, str],
+             replace_env: bool = False) -> ForkedProcess:
+    """``normzoo ARGS`` in a forked child whose output goes to the descriptors ``stdout`` and ``stderr``.
+
+    ``env`` is added to the inherited environment, or replaces it with ``replace_env`` (as ``Popen``'s ``env``).
+    """
+    sys.stdout.flush(), sys.stderr.flush()  # what the parent printed must not be printed again by the child
+    pid = os.fork()
+    if pid == 0:
+        _child(list(args), stdout, stderr, env, replace_env)
     return ForkedProcess(pid)
 
 
-def _child(args: list[str], out: int, env: Mapping[str, str]) -> NoReturn:
+def _child(args: list[str], out: int, err: int, env: Mapping[str, str], replace_env: bool) -> NoReturn:
     code = 1
     try:
         os.setsid()
         stdin = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(stdin, 0), os.dup2(out, 1), os.dup2(out, 2)
-        os.close(stdin)
+        os.dup2(stdin, 0), os.dup2(out, 1), os.dup2(err, 2)
+        for fd in {stdin, out, err} - {0, 1, 2}:  # the copies on 0-2 are the child's; its runs must not hold these
+            os.close(fd)
         # The parent's sys.stdout may not be its descriptor 1 (pytest's capture, a notebook's stream).
         sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
                                            closefd=False)
         sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
                                            closefd=False)
+        if replace_env:
+            os.environ.clear()
         os.environ.update(env)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         import torch
 
-        # The OpenMP runtime read OMP_NUM_THREADS when the sweep imported torch: the slot's value is set here.
-        torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or torch.get_num_threads()))
+        # The OpenMP runtime read OMP_NUM_THREADS when the parent imported torch: the child's value is set here.
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads()))
         from normzoo.cli import main
 
         main(args)

@@ -30,6 +30,8 @@ from normzoo.probe import Probe
 from normzoo.rundir import RunDir, claim_new_run
 from normzoo.runner import resume, train
 
+from conftest import NormzooProcess, run_normzoo
+
 TINY = dict(backbone="vgg11,width=0.0625", dataset="synthetic,n=96,n_test=32,size=32,channels=3,classes=4",
             batch_size=16, lr=0.05, log_every=2, device="cpu", schedule="constant")
 # noisy-bn, augmentation and momentum: a resume must restore the RNG streams and the optimizer, not only weights.
@@ -249,12 +251,10 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
 @pytest.mark.slow
 def test_two_sweeps_on_one_folder_train_every_run_once(tmp_path):
     out = tmp_path / "sweep"
-    command = [sys.executable, "-m", "normzoo", "sweep", "--backbone", TINY["backbone"], "--dataset",
-               TINY["dataset"], "--norm", "none,bn,gn:2", "--steps", "4", "--batch-size", "16", "--log-every", "2",
-               "--device", "cpu", "--out", str(out), "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first, second = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                     for _ in range(2))
+    command = ["sweep", "--backbone", TINY["backbone"], "--dataset", TINY["dataset"], "--norm", "none,bn,gn:2",
+               "--steps", "4", "--batch-size", "16", "--log-every", "2", "--device", "cpu", "--out", str(out),
+               "--quiet"]
+    first, second = NormzooProcess(command), NormzooProcess(command)
     outputs = [p.communicate(timeout=600) for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, outputs
     started = [line.split()[1] for stdout, _ in outputs for line in stdout.splitlines() if line.startswith("start")]
@@ -262,7 +262,7 @@ def test_two_sweeps_on_one_folder_train_every_run_once(tmp_path):
     for run in ("norm-none", "norm-bn", "norm-gn_2"):
         assert train_records(out / run) == [2, 4], run
         assert RunDir(out / run).read_summary()["status"] == "finished"
-    third = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    third = run_normzoo(command)
     assert third.returncode == 0 and third.stdout.count("skip") == 4  # 3 runs and the tally line
 
 
@@ -358,10 +358,10 @@ def test_checkpoints_get_the_permissions_of_any_new_file(tmp_path):
 
 def test_sigterm_finishes_the_step_saves_and_exits_130(tmp_path):
     # Ctrl-C (SIGINT) is tested in test_runner.py; a scheduler's SIGTERM must do the same for a real process.
-    command = [sys.executable, "-m", "normzoo", "run", "--backbone", TINY["backbone"], "--dataset", TINY["dataset"],
-               "--norm", "bn", "--steps", "100000", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path),
-               "--run-name", "sig", "--quiet", "--eval-every", "50"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = ["run", "--backbone", TINY["backbone"], "--dataset", TINY["dataset"], "--norm", "bn", "--steps",
+               "100000", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path), "--run-name", "sig",
+               "--quiet", "--eval-every", "50"]
+    process = NormzooProcess(command)
     deadline = time.time() + 120
     while not (tmp_path / "sig" / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)

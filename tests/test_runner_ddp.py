@@ -25,6 +25,8 @@ from normzoo.errors import NormzooError
 from normzoo.rundir import RunDir
 from normzoo.runner import unsynced_norm_note
 
+from conftest import run_normzoo
+
 # noisy-bn with augmentation: the replicas must also draw the same per-sample randomness as one process.
 OPTIONS = ["--backbone", "vgg11,width=0.0625", "--dataset", "synthetic,n=96,n_test=32,size=32,channels=3,classes=4",
            "--norm", "noisy-bn:sync=true", "--batch-size", "16", "--lr", "0.05", "--schedule", "constant", "--augment",
@@ -33,10 +35,13 @@ OPTIONS = ["--backbone", "vgg11,width=0.0625", "--dataset", "synthetic,n=96,n_te
 
 
 def normzoo_run(args: list[str], *, replicas: int = 1) -> subprocess.CompletedProcess:
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={replicas}"] if replicas > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *launcher, "-m", "normzoo", "run", *args], capture_output=True,
-                            text=True, env=env, timeout=300)
+    """Replicas under torchrun, or one process (forked from this one: see ``NormzooProcess``)."""
+    if replicas == 1:
+        result = run_normzoo(["run", *args])
+    else:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={replicas}"]
+        result = subprocess.run([sys.executable, *launcher, "-m", "normzoo", "run", *args], capture_output=True,
+                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

@@ -20,13 +20,14 @@ from normzoo.lock import RunLock
 from normzoo.report import write_report
 from normzoo.sweep import plan, run_name, run_state, slot_environments, split_specs
 
+from conftest import NormzooProcess, run_normzoo
+
 BASE = ["--backbone", "vgg11,width=0.0625", "--dataset", "fashion-mnist-mini", "--device", "cpu", "--log-every", "2"]
 TINY = [*BASE, "--eval-every", "4"]
 
 
 def sweep(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "normzoo", "sweep", *TINY, *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_normzoo(["sweep", *TINY, *args], timeout=timeout)
 
 
 def read_csv(folder: Path) -> dict[str, dict[str, str]]:
@@ -135,17 +136,23 @@ def test_dry_run_prints_each_runs_command(tmp_path):
 
 
 def test_ctrl_c_checkpoints_running_runs_and_the_same_command_resumes_them(tmp_path):
-    interrupt_then_resume(tmp_path / "sweep", ["--steps", "400"])
+    interrupt_then_resume(tmp_path / "sweep", ["--steps", "400", "--batch-size", "32"], fresh=False)
 
 
-def interrupt_then_resume(out: Path, options: list[str]) -> None:
+def interrupt_then_resume(out: Path, options: list[str], *, fresh: bool = True) -> None:
     """Ctrl-C a one-run sweep once it has trained a little: the run saves a checkpoint; the same command then
-    finishes it with no training record lost or repeated (also used by the Ray and SLURM executors' tests)."""
+    finishes it with no training record lost or repeated (also used by the Ray and SLURM executors' tests).
+
+    ``fresh``: the sweep is a new ``python -m normzoo`` process, else a fork of this one (:class:`NormzooProcess`).
+    """
     steps = int(options[options.index("--steps") + 1])
-    args = [sys.executable, "-m", "normzoo", "sweep", *BASE, "--norm", "bn", "--eval-every", "1000", *options,
-            "--out", str(out), "--quiet"]
+    args = ["sweep", *BASE, "--norm", "bn", "--eval-every", "1000", *options, "--out", str(out), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if fresh:
+        command = [sys.executable, "-m", "normzoo", *args]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    else:
+        process = NormzooProcess(args, env)
     wait_for_training(out / "run")
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
@@ -154,7 +161,8 @@ def interrupt_then_resume(out: Path, options: list[str]) -> None:
     assert run_state(out / "run") == "interrupted"
     assert 0 < int(read_csv(out)["run"]["step"]) < steps
 
-    resumed = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
+    resumed = (subprocess.run(command, capture_output=True, text=True, timeout=240, env=env) if fresh else
+               run_normzoo(args, env, timeout=240))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resume" in resumed.stdout
     assert_finished_with_every_record_once(out, steps)
