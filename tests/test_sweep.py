@@ -26,7 +26,12 @@ BASE = ["--backbone", "vgg11,width=0.0625", "--dataset", "fashion-mnist-mini", "
 TINY = [*BASE, "--eval-every", "4"]
 
 
-def sweep(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def sweep(*args: str, timeout: float = 240, fresh: bool = False) -> subprocess.CompletedProcess[str]:
+    """The sweep forked from this process, or with ``fresh`` a new ``python -m normzoo`` (for a test process that
+    is connected to Ray, which must not be forked)."""
+    if fresh:
+        return subprocess.run([sys.executable, "-m", "normzoo", "sweep", *TINY, *args], capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return run_normzoo(["sweep", *TINY, *args], timeout=timeout)
 
 

@@ -33,7 +33,7 @@ def test_ray_sweep_isolates_failures_then_skips_and_retries(address, tmp_path):
     out = tmp_path / "sweep"
     grid = ["--norm", "none", "--steps", "6", "--batch-size", "16,20000", "--executor", "ray", "--address", address,
             "--out", str(out)]
-    first = sweep(*grid)
+    first = sweep(*grid, fresh=True)
     assert first.returncode == 1, first.stdout + first.stderr
     assert f"(Ray tasks of 1 CPU each, on Ray at {address})" in first.stdout
     rows = read_csv(out)
@@ -48,12 +48,12 @@ def test_ray_sweep_isolates_failures_then_skips_and_retries(address, tmp_path):
     assert (out / "batch-size-16" / "best.safetensors").exists()
 
     finished_log = (out / "batch-size-16" / "metrics.jsonl").read_text()
-    again = sweep(*grid)
+    again = sweep(*grid, fresh=True)
     assert again.returncode == 1
     assert "skip   batch_size=16: finished" in again.stdout and "skip   batch_size=20000: failed" in again.stdout
     assert "--retry-failed" in again.stdout and "start" not in again.stdout
 
-    retried = sweep(*grid, "--retry-failed")
+    retried = sweep(*grid, "--retry-failed", fresh=True)
     assert retried.returncode == 1
     assert retried.stdout.count("retry  ") == 1 and "exceeds" in retried.stdout
     assert (out / "batch-size-16" / "metrics.jsonl").read_text() == finished_log
