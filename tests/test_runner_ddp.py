@@ -68,6 +68,7 @@ def single(tmp_path_factory) -> Path:
     return out / "run"
 
 
+@pytest.mark.slow
 def test_two_replicas_then_one_process_equal_one_process(single, tmp_path):
     normzoo_run([*OPTIONS, "--steps", "4", "--out", str(tmp_path), "--run-name", "run", "--probe",
                  "landscape:every=2"], replicas=2)
@@ -87,6 +88,7 @@ def test_two_replicas_then_one_process_equal_one_process(single, tmp_path):
     assert RunDir(run).read_summary()["world_size"] == "1"
 
 
+@pytest.mark.slow
 def test_one_process_then_two_replicas_equal_one_process(single, tmp_path):
     normzoo_run([*OPTIONS, "--steps", "4", "--out", str(tmp_path), "--run-name", "run"])
     result = normzoo_run(["--resume", str(tmp_path / "run"), "--steps", "8", "--quiet"], replicas=2)
@@ -131,6 +133,7 @@ def test_unsynced_batch_norm_gets_a_note(fresh_plugins):
         assert unsynced_norm_note(quiet[0], quiet[1], 128) is None
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_replica_at_one_step_with_a_checkpoint(tmp_path):
     """SIGINT to torchrun (what a terminal's Ctrl-C reaches): replicas agree on a step, rank 0 saves."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]

@@ -65,7 +65,9 @@ def test_listings_import_no_torch(warm_cache):
     assert "landscape" in report["outputs"]["probes"] and "vgg11" in report["outputs"]["backbones"]
 
 
-def test_a_run_imports_neither_torchvision_nor_timm(warm_cache, tmp_path):
+def test_a_run_imports_only_what_it_uses(warm_cache, tmp_path):
+    """Neither torchvision nor timm (a VGG), nor torch._dynamo (no compiling), nor Triton (on the CPU), nor
+    report code."""
     done = python(f"""
         import json, sys
         from click.testing import CliRunner
@@ -81,9 +83,15 @@ def test_a_run_imports_neither_torchvision_nor_timm(warm_cache, tmp_path):
         adam = Adam(model.parameters())
         model(torch.zeros(2, 3, 32, 32)).sum().backward()
         adam.step(), adam.zero_grad(), adam.load_state_dict(adam.state_dict())
+        # A probe names its report by import path: neither the probes nor the registry load report code.
+        import normzoo_probes.plugin
+        import normzoo.norms, normzoo.kernels.ops  # Triton is imported where a kernel is used, on CUDA
+        from normzoo.plugins import registry
+        assert all(entry.report is None or ":" in entry.report for entry in registry("probes"))
         # torch._dynamo: what every torch.optim method imports on first use (normzoo.optim's do not)
-        print(json.dumps(sorted(m for m in ("torchvision", "timm", "matplotlib", "torch._dynamo")
-                                if m in sys.modules)))
+        print(json.dumps(sorted(m for m in sys.modules if m in ("torchvision", "timm", "torch._dynamo", "triton",
+                                                                "torch._inductor")
+                                or m.startswith(("matplotlib", "normzoo.report", "normzoo_probes.reports")))))
     """, warm_cache)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == []

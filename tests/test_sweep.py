@@ -78,6 +78,7 @@ def test_jobs_split_cpu_threads_or_take_one_gpu_each(monkeypatch):
     assert all("CUDA_VISIBLE_DEVICES" not in e for e in slot_environments(2, 2, "cpu"))
 
 
+@pytest.mark.slow
 def test_sweep_isolates_failures_and_divergence_then_skips_and_retries(tmp_path):
     out = tmp_path / "sweep"
     grid = ["--norm", "none", "--steps", "6", "--lr", "0.05,1e4", "--batch-size", "16,20000", "--jobs", "2",
@@ -140,6 +141,7 @@ def test_dry_run_prints_each_runs_command(tmp_path):
     assert result.output.count("normzoo run") == 4 and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_running_runs_and_the_same_command_resumes_them(tmp_path):
     interrupt_then_resume(tmp_path / "sweep", ["--steps", "400", "--batch-size", "32"], fresh=False)
 

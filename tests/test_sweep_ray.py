@@ -29,6 +29,7 @@ def address():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_sweep_isolates_failures_then_skips_and_retries(address, tmp_path):
     out = tmp_path / "sweep"
     grid = ["--norm", "none", "--steps", "6", "--batch-size", "16,20000", "--executor", "ray", "--address", address,
@@ -59,6 +60,7 @@ def test_ray_sweep_isolates_failures_then_skips_and_retries(address, tmp_path):
     assert (out / "batch-size-16" / "metrics.jsonl").read_text() == finished_log
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_ray_runs_and_the_same_command_resumes_them(address, tmp_path):
     # the task passes Ray's cancel on to its run as SIGTERM, so the run saves a checkpoint
     interrupt_then_resume(tmp_path / "sweep", ["--steps", "200", "--executor", "ray", "--address", address])
