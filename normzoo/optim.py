@@ -36,6 +36,20 @@ class _PlainMethods:
 
     param_groups: list[dict[str, Any]]
 
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, params in self._plain_groups():
+            if params:
+                self._update(group, params)
+        return loss
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
     def _plain_groups(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
         """Each group with its parameters that have a gradient."""
         groups = []
@@ -55,76 +69,57 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _closure_loss(closure: Callable[[], Any] | None) -> Any:
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
-
 class SGD(_PlainMethods, torch.optim.SGD):
     """``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay) without importing ``torch._dynamo``."""
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss = _closure_loss(closure)
-        for group, params in self._plain_groups():
-            if not params:
-                continue
-            lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
-            weight_decay, nesterov = group["weight_decay"], group["nesterov"]
-            grads = [p.grad for p in params]
-            if weight_decay != 0:
-                grads = torch._foreach_add(grads, params, alpha=weight_decay)
-            if momentum != 0:
-                buffers = [self.state[p].get("momentum_buffer") for p in params]
-                if all(b is not None for b in buffers):
-                    torch._foreach_mul_(buffers, momentum)
-                    torch._foreach_add_(buffers, grads, alpha=1 - dampening)
-                else:  # the first step: each buffer starts as its gradient
-                    for i, (p, grad) in enumerate(zip(params, grads)):
-                        if buffers[i] is None:
-                            buffers[i] = self.state[p]["momentum_buffer"] = torch.clone(grad).detach()
-                        else:
-                            buffers[i].mul_(momentum).add_(grad, alpha=1 - dampening)
-                grads = torch._foreach_add(grads, buffers, alpha=momentum) if nesterov else buffers
-            torch._foreach_add_(params, grads, alpha=-lr)
-        return loss
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
+        weight_decay, nesterov = group["weight_decay"], group["nesterov"]
+        grads = [p.grad for p in params]
+        if weight_decay != 0:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        if momentum != 0:
+            buffers = [self.state[p].get("momentum_buffer") for p in params]
+            if all(b is not None for b in buffers):
+                torch._foreach_mul_(buffers, momentum)
+                torch._foreach_add_(buffers, grads, alpha=1 - dampening)
+            else:  # the first step: each buffer starts as its gradient
+                for i, (p, grad) in enumerate(zip(params, grads)):
+                    if buffers[i] is None:
+                        buffers[i] = self.state[p]["momentum_buffer"] = torch.clone(grad).detach()
+                    else:
+                        buffers[i].mul_(momentum).add_(grad, alpha=1 - dampening)
+            grads = torch._foreach_add(grads, buffers, alpha=momentum) if nesterov else buffers
+        torch._foreach_add_(params, grads, alpha=-lr)
 
 
 class Adam(_PlainMethods, torch.optim.Adam):
     """``torch.optim.Adam`` (L2 weight decay, not AdamW's) without importing ``torch._dynamo``."""
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss = _closure_loss(closure)
-        for group, params in self._plain_groups():
-            if not params:
-                continue
-            if group.get("decoupled_weight_decay"):
-                raise NotImplementedError("decoupled weight decay (AdamW) is not implemented; use torch.optim.AdamW")
-            beta1, beta2 = group["betas"]
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-            for p in params:
-                state = self.state[p]
-                if not state:  # as torch.optim.Adam: the step count is a CPU scalar
-                    state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            states = [self.state[p] for p in params]
-            steps = [s["step"] for s in states]
-            exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-            grads = [p.grad for p in params]
-            torch._foreach_add_(steps, 1)
-            if weight_decay != 0:
-                grads = torch._foreach_add(grads, params, alpha=weight_decay)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-            step_sizes = [(lr / (1 - beta1 ** step.item())) * -1 for step in steps]
-            bias_correction2_sqrt = [(1 - beta2 ** step.item()) ** 0.5 for step in steps]
-            denominators = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denominators, bias_correction2_sqrt)
-            torch._foreach_add_(denominators, eps)
-            torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
-        return loss
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        if group.get("decoupled_weight_decay"):
+            raise NotImplementedError("decoupled weight decay (AdamW) is not implemented; use torch.optim.AdamW")
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        for p in params:
+            state = self.state[p]
+            if not state:  # as torch.optim.Adam: the step count is a CPU scalar
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in params]
+        steps = [s["step"] for s in states]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        grads = [p.grad for p in params]
+        torch._foreach_add_(steps, 1)
+        if weight_decay != 0:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        step_sizes = [(lr / (1 - beta1 ** step.item())) * -1 for step in steps]
+        bias_correction2_sqrt = [(1 - beta2 ** step.item()) ** 0.5 for step in steps]
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, bias_correction2_sqrt)
+        torch._foreach_add_(denominators, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
