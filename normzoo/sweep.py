@@ -296,7 +296,7 @@ class LocalExecutor:
         handed = lock.hand_over() if lock is not None else {}
         try:
             if self.fork:
-                preload()  # once: a sweep with nothing left to run imports no torch
+                preload()  # at the first run: a CPU sweep with nothing left to run imports no torch
                 slot.process = fork_run(command, log, {**slot.env, **handed})
             else:
                 with log.open("ab") as out:
