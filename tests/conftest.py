@@ -91,6 +91,9 @@ class NormzooProcess:
     def send_signal(self, signum: int) -> None:
         self._process.send_signal(signum)
 
+    def kill(self) -> None:
+        self.send_signal(9)
+
     def communicate(self, timeout: float = 300) -> tuple[str, str]:
         """Both outputs to their end, then the exit status; ``subprocess.TimeoutExpired`` after ``timeout`` s."""
         import selectors
@@ -98,16 +101,20 @@ class NormzooProcess:
         import time
 
         deadline = time.monotonic() + timeout
+
+        def time_left() -> float:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            return left
+
         chunks: dict[int, list[bytes]] = {self._out: [], self._err: []}
         with selectors.DefaultSelector() as selector:
             for fd in chunks:
                 selector.register(fd, selectors.EVENT_READ)
             while selector.get_map():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    os.kill(self.pid, 9)
-                    raise subprocess.TimeoutExpired(self.args, timeout)
-                for key, _ in selector.select(min(left, 1.0)):
+                for key, _ in selector.select(min(time_left(), 1.0)):
                     data = os.read(key.fd, 65536)
                     if data:
                         chunks[key.fd].append(data)
@@ -115,17 +122,30 @@ class NormzooProcess:
                         selector.unregister(key.fd)
                         os.close(key.fd)
         while self.poll() is None:
-            if time.monotonic() > deadline:
-                os.kill(self.pid, 9)
-                raise subprocess.TimeoutExpired(self.args, timeout)
+            time_left()
             time.sleep(0.02)
         return tuple(b"".join(chunks[fd]).decode(errors="replace") for fd in (self._out, self._err))  # type: ignore
 
 
-def run_normzoo(args: list[str], env: dict[str, str] | None = None, timeout: float = 300):
-    """``subprocess.run(["normzoo", *args], capture_output=True, text=True)``, forked (see :class:`NormzooProcess`)."""
+def start_normzoo(args: list[str], env: dict[str, str] | None = None, *, fresh: bool = False):
+    """``normzoo ARGS`` with stdout and stderr piped: forked (:class:`NormzooProcess`), or with ``fresh`` a new
+    ``python -m normzoo`` (for a test process connected to Ray, which must not be forked)."""
+    if not fresh:
+        return NormzooProcess(args, env)
     import subprocess
 
-    process = NormzooProcess(args, env)
-    stdout, stderr = process.communicate(timeout)
+    return subprocess.Popen([sys.executable, "-m", "normzoo", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"})
+
+
+def run_normzoo(args: list[str], env: dict[str, str] | None = None, timeout: float = 300, *, fresh: bool = False):
+    """``subprocess.run(["normzoo", *args], capture_output=True, text=True)``, as :func:`start_normzoo` starts it."""
+    import subprocess
+
+    process = start_normzoo(args, env, fresh=fresh)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -78,7 +78,8 @@ def test_a_run_imports_only_what_it_uses(warm_cache, tmp_path):
         assert result.exit_code == 0, result.output
         import torch, normzoo
         from normzoo.optim import Adam
-        (run,) = [p for p in __import__("pathlib").Path({str(tmp_path)!r}).iterdir() if p.is_dir()]
+        from pathlib import Path
+        (run,) = [p for p in Path({str(tmp_path)!r}).iterdir() if p.is_dir()]
         model, info = normzoo.load_checkpoint(run / "best.safetensors")  # first built on the meta device
         adam = Adam(model.parameters())
         model(torch.zeros(2, 3, 32, 32)).sum().backward()

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from normzoo.lock import RunLock
 from normzoo.report import write_report
 from normzoo.sweep import plan, run_name, run_state, slot_environments, split_specs
 
-from conftest import NormzooProcess, run_normzoo
+from conftest import run_normzoo, start_normzoo
 
 BASE = ["--backbone", "vgg11,width=0.0625", "--dataset", "fashion-mnist-mini", "--device", "cpu", "--log-every", "2"]
 TINY = [*BASE, "--eval-every", "4"]
@@ -29,10 +28,7 @@ TINY = [*BASE, "--eval-every", "4"]
 def sweep(*args: str, timeout: float = 240, fresh: bool = False) -> subprocess.CompletedProcess[str]:
     """The sweep forked from this process, or with ``fresh`` a new ``python -m normzoo`` (for a test process that
     is connected to Ray, which must not be forked)."""
-    if fresh:
-        return subprocess.run([sys.executable, "-m", "normzoo", "sweep", *TINY, *args], capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return run_normzoo(["sweep", *TINY, *args], timeout=timeout)
+    return run_normzoo(["sweep", *TINY, *args], timeout=timeout, fresh=fresh)
 
 
 def read_csv(folder: Path) -> dict[str, dict[str, str]]:
@@ -150,16 +146,11 @@ def interrupt_then_resume(out: Path, options: list[str], *, fresh: bool = True) 
     """Ctrl-C a one-run sweep once it has trained a little: the run saves a checkpoint; the same command then
     finishes it with no training record lost or repeated (also used by the Ray and SLURM executors' tests).
 
-    ``fresh``: the sweep is a new ``python -m normzoo`` process, else a fork of this one (:class:`NormzooProcess`).
+    ``fresh``: the sweep is a new ``python -m normzoo`` process, else a fork of this one (see ``start_normzoo``).
     """
     steps = int(options[options.index("--steps") + 1])
     args = ["sweep", *BASE, "--norm", "bn", "--eval-every", "1000", *options, "--out", str(out), "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if fresh:
-        command = [sys.executable, "-m", "normzoo", *args]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    else:
-        process = NormzooProcess(args, env)
+    process = start_normzoo(args, fresh=fresh)
     wait_for_training(out / "run")
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
@@ -168,8 +159,7 @@ def interrupt_then_resume(out: Path, options: list[str], *, fresh: bool = True) 
     assert run_state(out / "run") == "interrupted"
     assert 0 < int(read_csv(out)["run"]["step"]) < steps
 
-    resumed = (subprocess.run(command, capture_output=True, text=True, timeout=240, env=env) if fresh else
-               run_normzoo(args, env, timeout=240))
+    resumed = run_normzoo(args, timeout=240, fresh=fresh)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resume" in resumed.stdout
     assert_finished_with_every_record_once(out, steps)
