@@ -29,7 +29,7 @@ from normzoo.norms import (
 )
 from normzoo.norms.base import create_norm, parse_norm, traits_of
 from normzoo.plugins import registry
-from normzoo.testing import build, norm_contract, sample, seeded
+from normzoo.testing import build, check_gradcheck, norm_contract, sample, seeded
 
 BUILTINS = {"none": NoNorm, "bn": BatchNorm, "noisy-bn": NoisyBatchNorm, "lp": LpNorm, "gn": GroupNorm,
             "ln": LayerNorm, "in": InstanceNorm, "l1-bn": L1BatchNorm, "topk-bn": TopKBatchNorm}
@@ -282,6 +282,14 @@ def test_input_grad_skipped_when_not_needed():
 
 # -- the norm contract (normzoo.testing, the kit plugin authors use): every registered norm and the variants -----
 test_zoo_passes_the_norm_contract = norm_contract(SPECS)
+
+
+# The kit's gradcheck projects the Jacobian on random directions; the norms with their own backward (the batch
+# scale norms' autograd Function, noisy-bn's redrawn scale) are also compared entry by entry.
+@pytest.mark.parametrize("spec", ["lp", "lp:1", "lp:inf,centered=true", "lp:3", "l1-bn", "topk-bn:3",
+                                  "noisy-bn:recompute=true"])
+def test_own_backward_passes_the_full_gradcheck(spec):
+    check_gradcheck(spec, full=True)
 
 
 @pytest.mark.parametrize("spec", ["lp:2,centered=true", "lp:inf", "l1-bn", "lp:3"])

@@ -1,8 +1,13 @@
-"""``torchrun --nproc-per-node 2 -m normzoo run`` on CPU (gloo) against single-process runs of the same config.
+"""Data-parallel ``normzoo run`` on CPU (gloo) against single-process runs of the same config.
 
 With a synced norm and ``--batch-size`` as the global batch, two replicas must train the same weights as one
 process, and a run must resume on a different number of processes: 2 replicas for steps 1-4 then 1 process for
 5-8, and 1 process then 2 replicas, both end where 8 single-process steps end.
+
+The replicas of those two tests are started as torchrun starts its workers: one process per rank with RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (the env:// rendezvous the runner joins), forked from this
+test process so that they skip the import of torch. ``torchrun`` itself, with its agent and its handling of Ctrl-C,
+runs in the Ctrl-C test.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +31,7 @@ from normzoo.errors import NormzooError
 from normzoo.rundir import RunDir
 from normzoo.runner import unsynced_norm_note
 
-from conftest import run_normzoo
+from conftest import run_normzoo, start_normzoo
 
 # noisy-bn with augmentation: the replicas must also draw the same per-sample randomness as one process.
 OPTIONS = ["--backbone", "vgg11,width=0.0625", "--dataset", "synthetic,n=96,n_test=32,size=32,channels=3,classes=4",
@@ -34,16 +40,27 @@ OPTIONS = ["--backbone", "vgg11,width=0.0625", "--dataset", "synthetic,n=96,n_te
            "--eval-every", "4", "--device", "cpu", "--quiet"]
 
 
-def normzoo_run(args: list[str], *, replicas: int = 1) -> subprocess.CompletedProcess:
-    """Replicas under torchrun, or one process (forked from this one: see ``NormzooProcess``)."""
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def normzoo_run(args: list[str], *, replicas: int = 1) -> list[subprocess.CompletedProcess]:
+    """``normzoo run ARGS`` as one process or as ``replicas`` ranks (forked: see ``NormzooProcess``); one result
+    per rank."""
     if replicas == 1:
-        result = run_normzoo(["run", *args])
+        results = [run_normzoo(["run", *args])]
     else:
-        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={replicas}"]
-        result = subprocess.run([sys.executable, *launcher, "-m", "normzoo", "run", *args], capture_output=True,
-                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
+        rendezvous = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                      "WORLD_SIZE": str(replicas), "LOCAL_WORLD_SIZE": str(replicas)}
+        ranks = [start_normzoo(["run", *args], {**rendezvous, "RANK": str(r), "LOCAL_RANK": str(r)})
+                 for r in range(replicas)]
+        outputs = [rank.communicate() for rank in ranks]
+        results = [subprocess.CompletedProcess(rank.args, rank.returncode, *out) for rank, out in zip(ranks, outputs)]
+    for result in results:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return results
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -91,8 +108,8 @@ def test_two_replicas_then_one_process_equal_one_process(single, tmp_path):
 @pytest.mark.slow
 def test_one_process_then_two_replicas_equal_one_process(single, tmp_path):
     normzoo_run([*OPTIONS, "--steps", "4", "--out", str(tmp_path), "--run-name", "run"])
-    result = normzoo_run(["--resume", str(tmp_path / "run"), "--steps", "8", "--quiet"], replicas=2)
-    assert result.stdout.strip() == str(tmp_path / "run")  # rank 0 alone prints
+    rank0, rank1 = normzoo_run(["--resume", str(tmp_path / "run"), "--steps", "8", "--quiet"], replicas=2)
+    assert rank0.stdout.strip() == str(tmp_path / "run") and rank1.stdout == ""  # rank 0 alone prints
     assert_same_weights(tmp_path / "run", single)
     assert [r["step"] for r in records(tmp_path / "run") if r["type"] == "eval"] == [4, 8]
     assert RunDir(tmp_path / "run").read_summary()["world_size"] == "2"
