@@ -139,14 +139,16 @@ def test_dry_run_prints_each_runs_command(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_running_runs_and_the_same_command_resumes_them(tmp_path):
-    interrupt_then_resume(tmp_path / "sweep", ["--steps", "400", "--batch-size", "32"], fresh=False)
+    interrupt_then_resume(tmp_path / "sweep", ["--steps", "400", "--batch-size", "32"])
 
 
-def interrupt_then_resume(out: Path, options: list[str], *, fresh: bool = True) -> None:
+def interrupt_then_resume(out: Path, options: list[str], *, fresh: bool = False,
+                          resume_here: bool = False) -> None:
     """Ctrl-C a one-run sweep once it has trained a little: the run saves a checkpoint; the same command then
     finishes it with no training record lost or repeated (also used by the Ray and SLURM executors' tests).
 
-    ``fresh``: the sweep is a new ``python -m normzoo`` process, else a fork of this one (see ``start_normzoo``).
+    ``fresh``: the sweep is a new ``python -m normzoo`` process, else a fork of this one (see ``start_normzoo``);
+    ``resume_here``: the second sweep runs in this process (it needs no signal).
     """
     steps = int(options[options.index("--steps") + 1])
     args = ["sweep", *BASE, "--norm", "bn", "--eval-every", "1000", *options, "--out", str(out), "--quiet"]
@@ -159,8 +161,12 @@ def interrupt_then_resume(out: Path, options: list[str], *, fresh: bool = True) 
     assert run_state(out / "run") == "interrupted"
     assert 0 < int(read_csv(out)["run"]["step"]) < steps
 
-    resumed = run_normzoo(args, timeout=240, fresh=fresh)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    if resume_here:
+        resumed = CliRunner().invoke(cli, args)
+        assert resumed.exit_code == 0, resumed.output
+    else:
+        resumed = run_normzoo(args, timeout=240, fresh=fresh)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resume" in resumed.stdout
     assert_finished_with_every_record_once(out, steps)
 

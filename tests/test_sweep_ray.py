@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 # As normzoo.sweep_ray does before importing Ray: under `uv run` Ray would otherwise ship this repository to its
 # workers and start them with `uv run`.
@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 from normzoo import sweep_ray  # noqa: E402
 from normzoo.cli import cli  # noqa: E402
 from normzoo.sweep import plan  # noqa: E402
-from test_sweep import TINY, interrupt_then_resume, read_csv, sweep  # noqa: E402
+from test_sweep import TINY, interrupt_then_resume, read_csv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,19 @@ def address():
     ray.shutdown()
 
 
+def sweep_here(*args: str) -> Result:
+    """The sweep in this process, on this module's Ray connection (its runs are the Ray tasks' processes)."""
+    return CliRunner().invoke(cli, ["sweep", *TINY, *args])
+
+
 @pytest.mark.slow
 def test_ray_sweep_isolates_failures_then_skips_and_retries(address, tmp_path):
     out = tmp_path / "sweep"
     grid = ["--norm", "none", "--steps", "6", "--batch-size", "16,20000", "--executor", "ray", "--address", address,
             "--out", str(out)]
-    first = sweep(*grid, fresh=True)
-    assert first.returncode == 1, first.stdout + first.stderr
-    assert f"(Ray tasks of 1 CPU each, on Ray at {address})" in first.stdout
+    first = sweep_here(*grid)
+    assert first.exit_code == 1, first.output
+    assert f"(Ray tasks of 1 CPU each, on Ray at {address})" in first.output
     rows = read_csv(out)
     assert rows["batch-size-16"]["state"] == "finished" and rows["batch-size-16"]["step"] == "6"
     assert float(rows["batch-size-16"]["wall_s"]) > 0
@@ -49,21 +54,22 @@ def test_ray_sweep_isolates_failures_then_skips_and_retries(address, tmp_path):
     assert (out / "batch-size-16" / "best.safetensors").exists()
 
     finished_log = (out / "batch-size-16" / "metrics.jsonl").read_text()
-    again = sweep(*grid, fresh=True)
-    assert again.returncode == 1
-    assert "skip   batch_size=16: finished" in again.stdout and "skip   batch_size=20000: failed" in again.stdout
-    assert "--retry-failed" in again.stdout and "start" not in again.stdout
+    again = sweep_here(*grid)
+    assert again.exit_code == 1
+    assert "skip   batch_size=16: finished" in again.output and "skip   batch_size=20000: failed" in again.output
+    assert "--retry-failed" in again.output and "start" not in again.output
 
-    retried = sweep(*grid, "--retry-failed", fresh=True)
-    assert retried.returncode == 1
-    assert retried.stdout.count("retry  ") == 1 and "exceeds" in retried.stdout
+    retried = sweep_here(*grid, "--retry-failed")
+    assert retried.exit_code == 1
+    assert retried.output.count("retry  ") == 1 and "exceeds" in retried.output
     assert (out / "batch-size-16" / "metrics.jsonl").read_text() == finished_log
 
 
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_ray_runs_and_the_same_command_resumes_them(address, tmp_path):
     # the task passes Ray's cancel on to its run as SIGTERM, so the run saves a checkpoint
-    interrupt_then_resume(tmp_path / "sweep", ["--steps", "200", "--executor", "ray", "--address", address])
+    interrupt_then_resume(tmp_path / "sweep", ["--steps", "200", "--executor", "ray", "--address", address],
+                          fresh=True, resume_here=True)  # fresh: a process connected to Ray must not be forked
 
 
 def test_dry_run_says_which_executor_and_resources(tmp_path, monkeypatch):

@@ -39,34 +39,33 @@ def sweep(*args: str) -> Result:
 
 
 @pytest.mark.slow
-def test_slurm_sweep_isolates_failures_and_divergence_then_skips_and_retries(tmp_path):
+def test_slurm_sweep_isolates_failures_then_skips_and_retries(tmp_path):
+    # A diverged run is the run's own verdict, read from its folder whatever the executor (tests/test_sweep.py).
     out = tmp_path / "sweep"
-    grid = ["--norm", "none", "--steps", "6", "--lr", "0.05,1e4", "--batch-size", "16,1000", *LOCAL, "--out", str(out)]
+    grid = ["--norm", "none", "--steps", "6", "--batch-size", "16,1000", *LOCAL, "--out", str(out)]
     first = sweep(*grid)
-    assert first.exit_code == 1, first.output  # some runs failed, the others ran
+    assert first.exit_code == 1, first.output  # one run failed, the other ran
     assert "(SLURM jobs of 1 CPU, 60 min each, on submitit's local executor" in first.output
     rows = read_csv(out)
-    assert rows["lr-0.05__batch-size-16"]["state"] == "finished" and rows["lr-0.05__batch-size-16"]["step"] == "6"
-    assert float(rows["lr-0.05__batch-size-16"]["wall_s"]) > 0
-    assert rows["lr-10000.0__batch-size-16"]["state"] == "diverged"
-    for name in ("lr-0.05__batch-size-1000", "lr-10000.0__batch-size-1000"):
-        assert rows[name]["state"] == "failed" and "exceeds the 96 training examples" in rows[name]["error"]
-        log = (out / name / "run.log").read_text()
-        assert log.startswith("$ normzoo run --backbone") and "exceeds" in log  # the job wrote into the run folder
-    assert len(list((out / "slurm").glob("*_result.pkl"))) == 4  # each run was a submitit job
+    assert rows["batch-size-16"]["state"] == "finished" and rows["batch-size-16"]["step"] == "6"
+    assert float(rows["batch-size-16"]["wall_s"]) > 0
+    assert rows["batch-size-1000"]["state"] == "failed"
+    assert "exceeds the 96 training examples" in rows["batch-size-1000"]["error"]
+    log = (out / "batch-size-1000" / "run.log").read_text()
+    assert log.startswith("$ normzoo run --backbone") and "exceeds" in log  # the job wrote into the run folder
+    assert len(list((out / "slurm").glob("*_result.pkl"))) == 2  # each run was a submitit job
     assert not list((out / "slurm").glob("stop-*"))
 
-    finished_log = (out / "lr-0.05__batch-size-16" / "metrics.jsonl").read_text()
+    finished_log = (out / "batch-size-16" / "metrics.jsonl").read_text()
     again = sweep(*grid)
     assert again.exit_code == 1
-    assert "skip   lr=0.05 batch_size=16: finished" in again.output
-    assert "skip   lr=10000.0 batch_size=16: diverged" in again.output
+    assert "skip   batch_size=16: finished" in again.output and "skip   batch_size=1000: failed" in again.output
     assert "--retry-failed" in again.output and "start" not in again.output
 
     retried = sweep(*grid, "--retry-failed")
     assert retried.exit_code == 1
-    assert retried.output.count("retry  ") == 2 and "exceeds" in retried.output
-    assert (out / "lr-0.05__batch-size-16" / "metrics.jsonl").read_text() == finished_log
+    assert retried.output.count("retry  ") == 1 and "exceeds" in retried.output
+    assert (out / "batch-size-16" / "metrics.jsonl").read_text() == finished_log
 
 
 @pytest.mark.slow
