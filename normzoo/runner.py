@@ -87,7 +87,10 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                # A signal ignored by whoever started the process stays ignored (as shells do): a SLURM job has its
+                # run ignore the SIGTERM that SLURM sends every process, and passes the stop on as one SIGINT.
+                if signal.getsignal(sig) != signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:

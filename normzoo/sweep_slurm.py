@@ -113,9 +113,11 @@ class SlurmRun:
                 with open(log, "ab") as out:
                     out.write(f"$ {command_text(command)}  # requeued\n".encode())
             # SLURM may send its signal to every process of the job: the run ignores the requeue signal (whose
-            # default action would kill it) and takes its stop request from this job, as SIGINT.
-            code, seconds = self.process.run(command, log, self.cwd, self.env, ignore=(requeue_signal,),
-                                             between=self.act)
+            # default action would kill it) and a pre-emption's SIGTERM, and takes its stop request from this job,
+            # as one SIGINT (a SIGTERM of its own as well would reach it once it had saved and restored its
+            # handlers, and abort it).
+            code, seconds = self.process.run(command, log, self.cwd, self.env,
+                                             ignore=(requeue_signal, signal.SIGTERM), between=self.act)
             return code, self.elapsed + seconds
         finally:
             for sig, handler in previous.items():

@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from normzoo import __version__
 from normzoo.cli import cli
 
+from conftest import run_normzoo
+
 
 @pytest.mark.parametrize("kind", ["norms", "backbones", "datasets", "probes", "plugins"])
 def test_listings_json_have_name_plugin_summary(kind):
@@ -51,8 +53,7 @@ def test_bad_spec_is_one_line_exit_2_and_debug_shows_traceback():
     assert line.endswith(", noisy-bn, none, timm-evonorm-b0, timm-evonorm-b1, timm-evonorm-b2, timm-evonorm-s0, "
                          "timm-evonorm-s0a, timm-evonorm-s1, timm-evonorm-s1a, timm-evonorm-s2, timm-evonorm-s2a, "
                          "timm-frn, timm-groupnorm1, timm-layernorm2d, timm-rmsnorm2d, timm-simplenorm2d, topk-bn")
-    debug = subprocess.run([sys.executable, "-m", "normzoo", "--debug", "build", "--norm", "lpp"],
-                           capture_output=True, text=True)
+    debug = run_normzoo(["--debug", "build", "--norm", "lpp"])  # a real process: the traceback reaches stderr
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 

@@ -370,3 +370,21 @@ def test_sigterm_finishes_the_step_saves_and_exits_130(tmp_path):
     assert process.returncode == 130, err
     assert "--resume" in err and RunDir(tmp_path / "sig").read_summary()["status"] == "interrupted"
     assert (tmp_path / "sig" / "last.safetensors").exists() and not (tmp_path / "sig" / LOCK_FILE).exists()
+
+
+def test_a_stop_signal_ignored_at_start_stays_ignored():
+    # How a SLURM job starts its run: SLURM's SIGTERM to every process is ignored, the job's SIGINT stops the run.
+    from normzoo.runner import StopRequest
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with StopRequest() as stop:
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum is None
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

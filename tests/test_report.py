@@ -125,9 +125,16 @@ def test_a_run_knows_its_chance_accuracy_from_its_checkpoint(runs_dir, tmp_path)
     assert load_run(bare).chance() is None
 
 
-def test_report_files_are_complete_and_self_contained(runs_dir):
+@pytest.fixture(scope="module")
+def reported(runs_dir) -> Path:
+    """``normzoo report`` of the runs, written once for the tests that read its files."""
     result = CliRunner().invoke(cli, ["report", str(runs_dir), "--target-acc", "0.3"])
     assert result.exit_code == 0, result.output
+    return runs_dir
+
+
+def test_report_files_are_complete_and_self_contained(reported):
+    runs_dir = reported
     page = (runs_dir / "report.html").read_text()
     markdown = (runs_dir / "report.md").read_text()
     images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
@@ -196,16 +203,16 @@ def browser_check(page: Path) -> tuple[dict, str]:
     return json.loads(match.group(1).replace("&quot;", '"')), result.stderr
 
 
-def test_html_renders_in_headless_chromium_with_every_image_and_no_errors(runs_dir):
-    files = write_report(runs_dir)
-    report, log = browser_check(files.html)
+def test_html_renders_in_headless_chromium_with_every_image_and_no_errors(reported):
+    page = reported / "report.html"
+    report, log = browser_check(page)
     assert report["errors"] == [] and "CONSOLE" not in log
-    assert len(report["images"]) == len(files.figures) >= 8
+    assert len(report["images"]) == len(list((reported / "report-figures").glob("*.png"))) >= 8
     assert all(w > 0 and h > 0 for w, h in report["images"])
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report-screenshot.png"
     subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--hide-scrollbars", "--window-size=1280,3000", f"--screenshot={shot}", files.html.as_uri()],
+                    "--hide-scrollbars", "--window-size=1280,3000", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000
 

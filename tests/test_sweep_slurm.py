@@ -99,7 +99,7 @@ def test_time_limit_and_preemption_checkpoint_the_run_and_the_requeued_job_resum
         try:
             seen, last = 0, None
             # the time-limit signal, then a pre-emption of the requeued job; SLURM signals every process of the
-            # job, so the run gets the signal too (it ignores USR2, and stops once for TERM plus the job's SIGINT)
+            # job, so the run gets the signal too (it ignores both, and stops for the job's SIGINT)
             for signum in (signal.SIGUSR2, signal.SIGTERM):
                 until(lambda: (holder_of(run) or {}).get("pid") not in (None, last) and train_steps(run)
                       and train_steps(run)[-1] > seen)  # a new incarnation of the run, training
