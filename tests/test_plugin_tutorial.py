@@ -26,7 +26,10 @@ def uv() -> list[str]:
 
 @pytest.mark.slow
 def test_write_a_plugin_tutorial_in_a_fresh_virtual_environment(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "NORMZOO_LOAD_PLUGINS")}
+    # As a user's shell would have it; and Python writing bytecode as it imports, as it does by default (a machine
+    # with PYTHONDONTWRITEBYTECODE set would compile torch's source again in every step).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VIRTUAL_ENV", "NORMZOO_LOAD_PLUGINS", "PYTHONDONTWRITEBYTECODE")}
     env["OMP_NUM_THREADS"] = "1"
 
     def sh(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
