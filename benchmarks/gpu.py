@@ -90,7 +90,7 @@ class Settings:
     def smoke(cls) -> Settings:
         tiny = "vgg11,width=0.0625"
         return cls(torch.device("cpu"), shapes=((6, 8, 5, 3),), norms=("bn", "lp:inf", "topk-bn", "noisy-bn", "gn"),
-                   compiled_norms=("bn", "lp:inf"), memory_norms=("bn", "noisy-bn", "lp:inf"), repeats=2, warmup=1,
+                   compiled_norms=("lp:inf",), memory_norms=("bn", "noisy-bn", "lp:inf"), repeats=2, warmup=1,
                    compile_backend="aot_eager", batch=8, runner_backbone=tiny,
                    runner_data="synthetic,n=64,n_test=16,size=32,channels=3,classes=10", runner_norms=("bn", "lp:inf"),
                    runner_steps=2, runner_rounds=2, runner_modes=(None,), probe_backbone=tiny,
