@@ -90,6 +90,7 @@ EXPERIMENT = f"""
 """
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_from_an_experiment_file_and_reports_with_its_options(tmp_path):
     out = tmp_path / "sweep"
     path = write(tmp_path / "exp.toml", EXPERIMENT.replace("OUT", str(out)))

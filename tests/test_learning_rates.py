@@ -214,6 +214,7 @@ def test_smoothness_is_the_measure_a_probe_report_declares():
     assert math.isnan(smoothness_of([run, bare])(bare)) and math.isnan(smoothness_of([bare])(bare))
 
 
+@pytest.mark.slow
 def test_the_section_is_added_only_when_the_learning_rate_varies():
     runs = target_runs()
     doc = Document("t")

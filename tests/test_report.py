@@ -114,6 +114,7 @@ def runs_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_a_run_knows_its_chance_accuracy_from_its_checkpoint(runs_dir, tmp_path):
     from normzoo.analysis import load_run
 
@@ -133,6 +134,7 @@ def reported(runs_dir) -> Path:
     return runs_dir
 
 
+@pytest.mark.slow
 def test_report_files_are_complete_and_self_contained(reported):
     runs_dir = reported
     page = (runs_dir / "report.html").read_text()
@@ -156,6 +158,7 @@ def test_report_files_are_complete_and_self_contained(reported):
         assert figure_title in markdown and figure_title.replace("## ", "<h2>") in page
 
 
+@pytest.mark.slow
 def test_report_of_one_run_and_of_a_folder_without_runs(runs_dir, tmp_path):
     single = tmp_path / "one"
     shutil.copytree(runs_dir / "bn-s0", single)
@@ -203,6 +206,7 @@ def browser_check(page: Path) -> tuple[dict, str]:
     return json.loads(match.group(1).replace("&quot;", '"')), result.stderr
 
 
+@pytest.mark.slow
 def test_html_renders_in_headless_chromium_with_every_image_and_no_errors(reported):
     page = reported / "report.html"
     report, log = browser_check(page)
