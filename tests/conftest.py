@@ -35,12 +35,41 @@ def pytest_collection_modifyitems(config, items):
     # The slow tests first: spread over the workers early, the many short ones then even out the end (with the slow
     # ones last, in file order, one worker ran them alone for minutes while the other had finished).
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    spread_slow_tests(items, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def spread_slow_tests(items: list, workers: int) -> None:
+    """Deal the slow tests (slow first in ``items``) to the first blocks of pytest-xdist's ``load`` schedule, whole
+    modules at a time (their module fixtures are then made once), so that every worker starts with its share.
+
+    The scheduler hands each worker a block of consecutive tests first, a quarter of its share, then more on demand:
+    left together, the slow tests all fell in the first worker's block, which ran them one after another for five
+    minutes. Another scheduler only sees a different order.
+    """
+    block = max(2, len(items) // max(workers, 1) // 4)
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if workers < 2 or not slow:
+        return
+    modules: dict[str, list] = {}
+    for item in slow:
+        modules.setdefault(item.module.__name__, []).append(item)
+    shares: list[list] = [[] for _ in range(workers)]
+    for index, module in enumerate(modules.values()):
+        shares[index % workers] += module
+    if max(map(len, shares)) > block:
+        return
+    rest = items[len(slow):]
+    dealt = []
+    for share in shares:
+        dealt += share + rest[:block - len(share)]
+        rest = rest[block - len(share):]
+    items[:] = dealt + rest
 
 
 def install_fake_distribution(root: Path, dist: str, module: str, source: str, ep_name: str | None = None) -> None:
