@@ -8,10 +8,11 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from normzoo.cli import cli
 from normzoo.errors import NormzooError
@@ -169,6 +170,35 @@ def interrupt_then_resume(out: Path, options: list[str], *, fresh: bool = False,
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resume" in resumed.stdout
     assert_finished_with_every_record_once(out, steps)
+
+
+def isolate_skip_retry(run_sweep: Callable[..., Result], grid: list[str], out: Path, too_large: int,
+                       examples: int, check_first: Callable[[Result], None]) -> None:
+    """A sweep of two runs through an executor (``grid`` sets ``--batch-size 16,TOO_LARGE``), three times: the run
+    whose batch exceeds the ``examples`` training examples fails alone (``check_first`` then looks at what the
+    executor left), the same command skips both, and ``--retry-failed`` retries only the failed one."""
+    ok, failed = "batch-size-16", f"batch-size-{too_large}"
+    first = run_sweep(*grid)
+    assert first.exit_code == 1, first.output  # one run failed, the other ran
+    rows = read_csv(out)
+    assert rows[ok]["state"] == "finished" and rows[ok]["step"] == "6" and float(rows[ok]["wall_s"]) > 0
+    assert rows[failed]["state"] == "failed"
+    assert f"exceeds the {examples} training examples" in rows[failed]["error"]
+    log = (out / failed / "run.log").read_text()
+    assert log.startswith("$ normzoo run --backbone") and "exceeds" in log  # the run, wherever it ran, logged here
+    check_first(first)
+
+    finished_log = (out / ok / "metrics.jsonl").read_text()
+    again = run_sweep(*grid)
+    assert again.exit_code == 1
+    assert "skip   batch_size=16: finished" in again.output
+    assert f"skip   batch_size={too_large}: failed" in again.output
+    assert "--retry-failed" in again.output and "start" not in again.output
+
+    retried = run_sweep(*grid, "--retry-failed")
+    assert retried.exit_code == 1
+    assert retried.output.count("retry  ") == 1 and "exceeds" in retried.output
+    assert (out / ok / "metrics.jsonl").read_text() == finished_log
 
 
 def train_steps(run: Path) -> list[int]:

@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 from normzoo import sweep_ray  # noqa: E402
 from normzoo.cli import cli  # noqa: E402
 from normzoo.sweep import plan  # noqa: E402
-from test_sweep import TINY, interrupt_then_resume, read_csv  # noqa: E402
+from test_sweep import TINY, interrupt_then_resume, isolate_skip_retry  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,30 +39,14 @@ def test_ray_sweep_isolates_failures_then_skips_and_retries(address, tmp_path):
     out = tmp_path / "sweep"
     grid = ["--norm", "none", "--steps", "6", "--batch-size", "16,20000", "--executor", "ray", "--address", address,
             "--out", str(out)]
-    first = sweep_here(*grid)
-    assert first.exit_code == 1, first.output
-    assert f"(Ray tasks of 1 CPU each, on Ray at {address})" in first.output
-    rows = read_csv(out)
-    assert rows["batch-size-16"]["state"] == "finished" and rows["batch-size-16"]["step"] == "6"
-    assert float(rows["batch-size-16"]["wall_s"]) > 0
-    assert rows["batch-size-20000"]["state"] == "failed"
-    assert "exceeds the 10000 training examples" in rows["batch-size-20000"]["error"]
-    log = (out / "batch-size-20000" / "run.log").read_text()
-    assert log.startswith("$ normzoo run --backbone") and "exceeds" in log  # the task wrote into the sweep folder
-    record = json.loads((out / "batch-size-16" / "sweep-run.json").read_text())
-    assert record["command"].startswith("normzoo run --backbone") and record["failed"] is None
-    assert (out / "batch-size-16" / "best.safetensors").exists()
 
-    finished_log = (out / "batch-size-16" / "metrics.jsonl").read_text()
-    again = sweep_here(*grid)
-    assert again.exit_code == 1
-    assert "skip   batch_size=16: finished" in again.output and "skip   batch_size=20000: failed" in again.output
-    assert "--retry-failed" in again.output and "start" not in again.output
+    def check_first(first: Result) -> None:
+        assert f"(Ray tasks of 1 CPU each, on Ray at {address})" in first.output
+        record = json.loads((out / "batch-size-16" / "sweep-run.json").read_text())
+        assert record["command"].startswith("normzoo run --backbone") and record["failed"] is None
+        assert (out / "batch-size-16" / "best.safetensors").exists()
 
-    retried = sweep_here(*grid, "--retry-failed")
-    assert retried.exit_code == 1
-    assert retried.output.count("retry  ") == 1 and "exceeds" in retried.output
-    assert (out / "batch-size-16" / "metrics.jsonl").read_text() == finished_log
+    isolate_skip_retry(sweep_here, grid, out, 20000, 10000, check_first)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from normzoo.errors import NormzooError  # noqa: E402
 from normzoo.lock import holder_of  # noqa: E402
 from normzoo.sweep import plan  # noqa: E402
 from test_sweep import (  # noqa: E402
-    assert_finished_with_every_record_once, interrupt_then_resume, read_csv, train_steps)
+    assert_finished_with_every_record_once, interrupt_then_resume, isolate_skip_retry, train_steps)
 
 DATA = ["--backbone", "vgg11,width=0.0625", "--dataset", "synthetic,n=96,n_test=32,size=32,channels=3,classes=4",
         "--device", "cpu", "--log-every", "2"]
@@ -43,29 +43,13 @@ def test_slurm_sweep_isolates_failures_then_skips_and_retries(tmp_path):
     # A diverged run is the run's own verdict, read from its folder whatever the executor (tests/test_sweep.py).
     out = tmp_path / "sweep"
     grid = ["--norm", "none", "--steps", "6", "--batch-size", "16,1000", *LOCAL, "--out", str(out)]
-    first = sweep(*grid)
-    assert first.exit_code == 1, first.output  # one run failed, the other ran
-    assert "(SLURM jobs of 1 CPU, 60 min each, on submitit's local executor" in first.output
-    rows = read_csv(out)
-    assert rows["batch-size-16"]["state"] == "finished" and rows["batch-size-16"]["step"] == "6"
-    assert float(rows["batch-size-16"]["wall_s"]) > 0
-    assert rows["batch-size-1000"]["state"] == "failed"
-    assert "exceeds the 96 training examples" in rows["batch-size-1000"]["error"]
-    log = (out / "batch-size-1000" / "run.log").read_text()
-    assert log.startswith("$ normzoo run --backbone") and "exceeds" in log  # the job wrote into the run folder
-    assert len(list((out / "slurm").glob("*_result.pkl"))) == 2  # each run was a submitit job
-    assert not list((out / "slurm").glob("stop-*"))
 
-    finished_log = (out / "batch-size-16" / "metrics.jsonl").read_text()
-    again = sweep(*grid)
-    assert again.exit_code == 1
-    assert "skip   batch_size=16: finished" in again.output and "skip   batch_size=1000: failed" in again.output
-    assert "--retry-failed" in again.output and "start" not in again.output
+    def check_first(first: Result) -> None:
+        assert "(SLURM jobs of 1 CPU, 60 min each, on submitit's local executor" in first.output
+        assert len(list((out / "slurm").glob("*_result.pkl"))) == 2  # each run was a submitit job
+        assert not list((out / "slurm").glob("stop-*"))
 
-    retried = sweep(*grid, "--retry-failed")
-    assert retried.exit_code == 1
-    assert retried.output.count("retry  ") == 1 and "exceeds" in retried.output
-    assert (out / "batch-size-16" / "metrics.jsonl").read_text() == finished_log
+    isolate_skip_retry(sweep, grid, out, 1000, 96, check_first)
 
 
 @pytest.mark.slow
