@@ -415,7 +415,14 @@ class Sweep:
         if code != 0 and state not in ("interrupted", "diverged", "finished") and not stopped_by_us:
             record["failed"] = {"returncode": code, "error": ended.error or last_error(run.path / RUN_LOG)}
             state = "failed"
-        atomic_write_json(run.path / RUN_RECORD, record)
+        try:
+            # Under the folder's lock: another sweep that claims the folder removes the temporary files it finds,
+            # which would include this write's if it were in flight.
+            with RunLock(run.path):
+                atomic_write_json(run.path / RUN_RECORD, record)
+        except RunLocked as exc:  # another sweep has taken the run up again: the record is its own to write
+            self.echo(f"skip   {run.label()}: being written by {describe_holder(exc.holder)}")
+            return "locked"
         summary = read_summary(run.path)
         detail = f"test_acc {float(summary['test_acc']):.4f}" if summary.get("test_acc") else ""
         if state == "failed":

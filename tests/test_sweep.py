@@ -238,3 +238,31 @@ def test_run_state_reads_the_run_folder(tmp_path):
     assert run_state(path) == "failed"
     (path / "summary.csv").write_text("run,status\nrun,diverged\n")
     assert run_state(path) == "diverged"
+
+
+def test_a_runs_end_is_recorded_under_its_folders_lock(tmp_path, monkeypatch):
+    """Another sweep claiming the folder removes the temporary files it finds: the record is written holding the
+    lock, and not at all while someone else holds it."""
+    from normzoo import sweep as sweep_module
+    from normzoo.lock import holder_of
+    from normzoo.sweep import Ended, Sweep, read_record
+
+    run = plan({"norm": ["bn"]}, {})[0]
+    lines: list[str] = []
+    sweeper = Sweep([run], tmp_path, echo=lines.append)
+    run.path.mkdir(parents=True)
+    holders = []
+    write = sweep_module.atomic_write_json
+
+    def watched(path, obj, **kwargs):
+        holders.append(holder_of(path.parent))
+        return write(path, obj, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "atomic_write_json", watched)
+    assert sweeper.reap(Ended(run, 1, 2.0, "boom")) == "failed"
+    assert holders[0]["pid"] == os.getpid() and holder_of(run.path) is None
+    assert read_record(run.path)["failed"]["error"] == "boom"
+    with RunLock(run.path):  # another sweep's claim, from this process's point of view
+        assert sweeper.reap(Ended(run, 0, 1.0)) == "locked"
+    assert len(holders) == 1 and read_record(run.path)["wall_s"] == 2.0
+    assert lines[-1].startswith(f"skip   {run.label()}: being written by pid {os.getpid()}")
