@@ -367,7 +367,7 @@ class Sweep:
         try:
             lock = RunDir(run.path).claim()
         except RunLocked as exc:
-            self.echo(f"skip   {run.label()}: being written by {describe_holder(exc.holder)}")
+            self.echo(f"skip   {run.label()}: {held_by(exc.holder)}")
             return False
         try:
             command = self.prepare(run)
@@ -421,7 +421,7 @@ class Sweep:
             with RunLock(run.path):
                 atomic_write_json(run.path / RUN_RECORD, record)
         except RunLocked as exc:  # another sweep has taken the run up again: the record is its own to write
-            self.echo(f"skip   {run.label()}: being written by {describe_holder(exc.holder)}")
+            self.echo(f"skip   {run.label()}: {held_by(exc.holder)}")
             return "locked"
         summary = read_summary(run.path)
         detail = f"test_acc {float(summary['test_acc']):.4f}" if summary.get("test_acc") else ""
@@ -488,9 +488,12 @@ def skip_reason(path: Path, state: str) -> str:
     if state == "failed":
         return "failed (--retry-failed runs it again)"
     if state == "locked":
-        holder = holder_of(path)
-        return f"being written by {describe_holder(holder) if holder else 'another process'}"
+        return held_by(holder_of(path))
     return state
+
+
+def held_by(holder: dict[str, Any] | None) -> str:
+    return f"being written by {describe_holder(holder) if holder else 'another process'}"
 
 
 def cuda_device_count() -> int:

@@ -52,10 +52,10 @@ def spread_slow_tests(items: list, workers: int) -> None:
     left together, the slow tests all fell in the first worker's block, which ran them one after another for five
     minutes. Another scheduler only sees a different order.
     """
-    block = max(2, len(items) // max(workers, 1) // 4)
     slow = [item for item in items if item.get_closest_marker("slow") is not None]
     if workers < 2 or not slow:
         return
+    block = max(2, len(items) // workers // 4)
     modules: dict[str, list] = {}
     for item in slow:
         modules.setdefault(item.module.__name__, []).append(item)
