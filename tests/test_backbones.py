@@ -20,7 +20,7 @@ NORMS = registry("norms").names()
 BACKBONES = [
     ("vgg11,width=0.125", 32),
     ("resnet20,width=0.25", 32),
-    ("timm:resnet18", 64),  # timm model that takes norm_layer=
+    ("timm:test_resnet", 64),  # timm model that takes norm_layer= (timm's small ResNet: both block kinds)
     ("timm:mobilenetv3_small_050", 64),  # timm norm-act model (BatchNormAct2d), norms swapped by module
 ]
 

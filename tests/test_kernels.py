@@ -69,9 +69,10 @@ def test_compiled_vgg11_has_no_graph_break(spec):
 @pytest.mark.skipif(not kernels.TRITON_INSTALLED, reason="Triton is not installed")
 def test_every_kernel_compiles_for_sm90():
     """Triton's compiler (not the interpreter) accepts every specialization the norms use, down to an sm_90 cubin,
-    with no GPU (``python -m normzoo.kernels.precompile``)."""
+    with no GPU (``python -m normzoo.kernels.precompile``). One compiling process: the suite's workers already keep
+    every core busy, and each process more is one more torch import."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "normzoo.kernels.precompile", "--capability", "90",
-                             "--processes", "2"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+                             "--processes", "1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "kernel specializations compiled for sm_90" in result.stdout

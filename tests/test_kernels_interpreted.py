@@ -18,8 +18,10 @@ they skip in the session and ``tests/test_kernels.py`` runs this file in a fresh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,7 +69,50 @@ def interpreter():
 
     if not all(isinstance(f, InterpretedFunction) for f in (scale_norm.normalize_kernel, tl.rand4x)):
         pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set")
-    yield
+    with faster_interpreter() as unchanged:
+        yield unchanged
+
+
+@contextlib.contextmanager
+def faster_interpreter() -> Iterator[None]:
+    """Triton's interpreter without two costs that change nothing it computes (bit for bit; about 2.5 times faster).
+    Yields a context manager that runs its block with the interpreter unchanged.
+
+    - Every integer +, - and * is checked for overflow by redoing it in int64 and comparing, but with ``debug`` off
+      the assert that would report an overflow is dropped, as in a GPU build: the check's result is thrown away.
+    - Each call of a ``@triton.jit`` helper re-patches ``triton.language`` for the interpreter, scanning every member
+      of several namespaces for the builtins to wrap, although the kernel's launch has already wrapped them all. The
+      scan here looks only at the names that were builtins at the first scan.
+    """
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    options = interpreter.interpreter_builder.options
+    scan = interpreter._patch_builtin
+    builtins: dict[int, list[str]] = {}
+
+    def patch_builtins(namespace, builder, scope) -> None:
+        names = builtins.get(id(namespace))
+        if names is None:
+            names = builtins[id(namespace)] = [name for name in dir(namespace)
+                                               if tl.core.is_builtin(getattr(namespace, name, None))]
+        for name in names:
+            member = getattr(namespace, name)
+            if tl.core.is_builtin(member):  # not wrapped yet
+                interpreter._patch_attr(namespace, name, member, builder, scope)
+
+    @contextlib.contextmanager
+    def using(chosen_options, chosen_scan) -> Iterator[None]:
+        before = interpreter.interpreter_builder.options, interpreter._patch_builtin
+        interpreter.interpreter_builder.options, interpreter._patch_builtin = chosen_options, chosen_scan
+        try:
+            yield
+        finally:
+            interpreter.interpreter_builder.options, interpreter._patch_builtin = before
+
+    faster = options if options.debug else dataclasses.replace(options, sanitize_overflow=False)
+    with using(faster, patch_builtins):
+        yield lambda: using(options, scan)
 
 
 def norm(spec: str, channels: int = 4, dtype: torch.dtype = torch.float32):
@@ -181,6 +226,18 @@ def test_hessian_vector_product_through_the_kernel_op(interpreter):
         results.append((g.detach(), hv))
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_faster_interpreter_computes_the_same_bits(interpreter):
+    """What ``faster_interpreter`` leaves out changes no bit: noisy-bn's kernels (integer hashing for the noise,
+    helper calls, split reductions) forward and backward, with the interpreter as Triton ships it and as here."""
+    x = sample((2, 4, 3, 2))
+    with tiling.overrides(block_r=4, splits=2):
+        faster = train_step("noisy-bn", x, triton=True, seed=3)
+        with interpreter():
+            unchanged = train_step("noisy-bn", x, triton=True, seed=3)
+    for key in unchanged:
+        torch.testing.assert_close(faster[key], unchanged[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
 
 
 def test_eager_fallback_for_what_the_kernels_do_not_take(interpreter):

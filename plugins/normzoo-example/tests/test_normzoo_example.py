@@ -11,7 +11,7 @@ from normzoo.plugins import get_plugins, registry
 from normzoo.probe import ProbeContext
 from normzoo.testing import norm_contract, sample
 
-# Shapes, train/eval, float32/bfloat16, channels_last, state_dict, float64 gradcheck, vgg11 and timm:resnet18.
+# Shapes, train/eval, float32/bfloat16, channels_last, state_dict, float64 gradcheck, vgg11 and timm's test_resnet.
 test_mean_bn_keeps_the_norm_contract = norm_contract(["mean-bn", "mean-bn:momentum=0.5,affine=false"])
 
 
