@@ -7,15 +7,18 @@ where a later real launch with the same specialization finds it. :func:`precompi
 list of :class:`Plan` in worker processes that way (``benchmarks/gpu.py`` does, before it times anything).
 
 ``python -m normzoo.kernels.precompile [--capability 90]`` compiles every configuration the norms use — each scale,
-noise placement, dtype, layout, affine or not, synced or not — down to a cubin for that target, no GPU needed;
-``tests/test_kernels.py`` runs it for sm_90. The interpreter tests check what the kernels compute; this checks that
-Triton's compiler accepts them (the interpreter accepts code the compiler would reject).
+noise placement, dtype, layout, affine or not, synced or not — down to a cubin for that target, no GPU needed.
+``--cover`` compiles the fewer plans of :func:`covering_plans` instead (every kernel with every pair of its flags'
+values and every input dtype and layout); ``tests/test_kernels.py`` runs that for sm_90. The interpreter tests check
+what the kernels compute; this checks that Triton's compiler accepts them (the interpreter accepts code the compiler
+would reject).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import os
 import time
@@ -151,8 +154,8 @@ def _compile_plans(plans: list[Plan], capability: int) -> list[str]:
     return sorted(compiled)
 
 
-def precompile(plans: Sequence[Plan], capability: int, processes: int | None = None) -> int:
-    """Compile the plans' kernels for sm_<capability> in worker processes; the number of specializations.
+def precompile(plans: Sequence[Plan], capability: int, processes: int | None = None) -> set[str]:
+    """Compile the plans' kernels for sm_<capability> in worker processes; the specializations (name and hash).
 
     Duplicated specializations across workers are compiled more than once (and cached once): plans are dealt out
     round-robin, which spreads the shapes of one norm over the workers.
@@ -162,7 +165,7 @@ def precompile(plans: Sequence[Plan], capability: int, processes: int | None = N
     chunks = [plans[i::processes] for i in range(processes)]
     with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
         results = pool.map(_compile_plans, chunks, [capability] * len(chunks))
-        return len(set().union(*map(set, results)))
+        return set().union(*map(set, results))
 
 
 def every_plan() -> list[Plan]:
@@ -180,22 +183,65 @@ def every_plan() -> list[Plan]:
     return plans
 
 
+def exercised(plan: Plan) -> set[tuple]:
+    """What the plan's launches exercise, found without compiling: for each kernel, every pair of its flags' values
+    (its compile-time constants other than tile sizes, each alone for a kernel with one) and the input's dtype and
+    layout."""
+    from triton.runtime.jit import JITFunction
+
+    found: set[tuple] = set()
+    launch = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        values = dict(zip((param.name for param in self.params), args)) | kwargs
+        flags = sorted((param.name, values[param.name]) for param in self.params
+                       if param.is_constexpr and not param.name.startswith("BLOCK_"))
+        name = self.fn.__name__
+        found.add((name, "input", plan.dtype, plan.channels_last, len(plan.shape)))
+        found.update((name, "flags", *pair) for pair in itertools.combinations(flags, min(2, len(flags))))
+
+    JITFunction.run = record
+    try:
+        run(plan)
+    finally:
+        JITFunction.run = launch
+    return found
+
+
+def covering_plans(plans: Sequence[Plan]) -> list[Plan]:
+    """Few of ``plans`` that together exercise everything they do (:func:`exercised`), chosen greedily.
+
+    Every kernel still compiles with every value of each flag, every pair of values of two flags, and every input
+    dtype and layout, in about 40 % of the specializations: what a GPU-less check can afford to compile (half a
+    second of CPU each) while still reaching every branch the flags select and every load and store's type.
+    """
+    covers = {plan: exercised(plan) for plan in dict.fromkeys(plans)}
+    missing = set().union(*covers.values())
+    chosen = []
+    while missing:
+        plan = max(covers, key=lambda p: len(covers[p] & missing))
+        chosen.append(plan)
+        missing -= covers.pop(plan)
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--capability", type=int, default=90, help="CUDA compute capability ×10 (default 90)")
     parser.add_argument("--processes", type=int, default=1, help="compile in this many worker processes")
+    parser.add_argument("--cover", action="store_true",
+                        help="compile only plans that cover every kernel's flag values (pairwise), dtypes and layouts")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    plans = every_plan()
+    every = every_plan()
+    plans = covering_plans(every) if args.cover else every
     if args.processes > 1:
-        count = precompile(plans, args.capability, args.processes)
+        compiled = precompile(plans, args.capability, args.processes)
     else:
-        with compile_only(args.capability) as compiled:
-            for plan in plans:
-                run(plan)
-        count = len(compiled)
-    print(f"{count} kernel specializations compiled for sm_{args.capability} from {len(plans)} plans in "
-          f"{time.perf_counter() - start:.0f} s")
+        compiled = set(_compile_plans(plans, args.capability))
+    print(f"{len(compiled)} kernel specializations compiled for sm_{args.capability} from {len(plans)} plans"
+          f"{f' (covering all {len(every)})' if args.cover else ''} in {time.perf_counter() - start:.0f} s")
+    print("kernels:", " ".join(sorted({name.split("[")[0] for name in compiled})))
     return 0
 
 
