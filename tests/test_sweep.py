@@ -140,7 +140,7 @@ def test_dry_run_prints_each_runs_command(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_running_runs_and_the_same_command_resumes_them(tmp_path):
-    interrupt_then_resume(tmp_path / "sweep", ["--steps", "400", "--batch-size", "32"])
+    interrupt_then_resume(tmp_path / "sweep", ["--steps", "200", "--batch-size", "32"])
 
 
 def interrupt_then_resume(out: Path, options: list[str], *, fresh: bool = False,

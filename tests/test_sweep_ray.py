@@ -52,7 +52,8 @@ def test_ray_sweep_isolates_failures_then_skips_and_retries(address, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_ray_runs_and_the_same_command_resumes_them(address, tmp_path):
     # the task passes Ray's cancel on to its run as SIGTERM, so the run saves a checkpoint
-    interrupt_then_resume(tmp_path / "sweep", ["--steps", "200", "--executor", "ray", "--address", address],
+    interrupt_then_resume(tmp_path / "sweep", ["--steps", "200", "--batch-size", "32", "--executor", "ray",
+                                               "--address", address],
                           fresh=True, resume_here=True)  # fresh: a process connected to Ray must not be forked
 
 

@@ -55,7 +55,7 @@ def test_slurm_sweep_isolates_failures_then_skips_and_retries(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_slurm_jobs_and_the_same_command_resumes_them(tmp_path):
     # the sweep writes its stop file and signals each job, which passes the stop on to its run: no requeue
-    interrupt_then_resume(tmp_path / "sweep", ["--steps", "200", *LOCAL])
+    interrupt_then_resume(tmp_path / "sweep", ["--steps", "200", "--batch-size", "32", *LOCAL])
 
 
 def until(condition, timeout: float = 120) -> None:
