@@ -93,6 +93,11 @@ def fork_cli(args: Sequence[str], *, stdout: int, stderr: int, env: Mapping[str,
     return ForkedProcess(pid)
 
 
+def exit_status(done: SystemExit) -> int:
+    """The status a process ending with ``done`` exits with, as Python's own exit would give it."""
+    return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+
+
 def _child(args: list[str], out: int, err: int, env: Mapping[str, str], replace_env: bool) -> NoReturn:
     code = 1
     try:
@@ -120,7 +125,7 @@ def _child(args: list[str], out: int, err: int, env: Mapping[str, str], replace_
         main(args)
         code = 0
     except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        code = exit_status(done)
     except BaseException:
         traceback.print_exc()
     finally:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from normzoo.forked_run import exit_status
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,7 +32,7 @@ def run_script_forked(script: Path, args: list[str], log: Path) -> int:
             runpy.run_path(str(script), run_name="__main__")
             code = 0
         except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+            code = exit_status(done)
         except BaseException:
             traceback.print_exc()
         finally:

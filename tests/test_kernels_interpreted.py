@@ -280,10 +280,15 @@ def _replica(rank: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory, interpreter) -> Path:
+def replicas(tmp_path_factory, interpreter) -> tuple[Path, list[dict[str, torch.Tensor]]]:
+    """The replicas' results (a folder of files), and one process's on the whole batch for each spec: computed
+    first, so that the replicas, forked after, start with the interpreter's kernels rewritten and imports made."""
+    x, grad = _whole_batch()
+    wholes = [train_step(spec.replace(",sync=true", "").replace(":sync=true", ""), x, triton=True, seed=2, grad=grad)
+              for spec in SYNCED]  # noisy-bn: the same seed, hence the same noise
     out = tmp_path_factory.mktemp("kernel-replicas")
     mp.start_processes(_replica, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="fork")
-    return out
+    return out, wholes
 
 
 @pytest.mark.slow
@@ -293,10 +298,9 @@ def test_synced_kernels_equal_one_process_on_the_whole_batch(replicas, index, sp
     partials between the statistics and normalize passes, and of the sums in the backward): outputs, input
     gradients and running statistics equal one process's on the whole batch; the replicas' parameter gradients
     add up to its (each replica's is its own share, as with SyncBatchNorm). topk-bn takes the eager synced path."""
-    plain = spec.replace(",sync=true", "").replace(":sync=true", "")
-    x, grad = _whole_batch()
-    whole = train_step(plain, x, triton=True, seed=2, grad=grad)  # noisy-bn: the same seed, hence the same noise
-    parts = [load_file(replicas / f"{index}-{rank}.safetensors") for rank in range(WORLD)]
+    folder, wholes = replicas
+    whole = wholes[index]
+    parts = [load_file(folder / f"{index}-{rank}.safetensors") for rank in range(WORLD)]
     for key in ("out", "x.grad"):
         torch.testing.assert_close(torch.cat([p[key] for p in parts]), whole[key], rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{spec} {key}: {m}")
