@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -93,39 +93,15 @@ def fork_cli(args: Sequence[str], *, stdout: int, stderr: int, env: Mapping[str,
     return ForkedProcess(pid)
 
 
-def exit_status(done: SystemExit) -> int:
-    """The status a process ending with ``done`` exits with, as Python's own exit would give it."""
-    return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-
-
-def _child(args: list[str], out: int, err: int, env: Mapping[str, str], replace_env: bool) -> NoReturn:
+def exit_with(body: Callable[[], object]) -> NoReturn:
+    """End a forked child after ``body()``, with the status Python's own exit would give (0, a ``SystemExit``'s
+    code, or 1 after printing an exception's traceback): output flushed, and nothing of the parent's run."""
     code = 1
     try:
-        os.setsid()
-        stdin = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(stdin, 0), os.dup2(out, 1), os.dup2(err, 2)
-        for fd in {stdin, out, err} - {0, 1, 2}:  # the copies on 0-2 are the child's; its runs must not hold these
-            os.close(fd)
-        # The parent's sys.stdout may not be its descriptor 1 (pytest's capture, a notebook's stream).
-        sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
-                                           closefd=False)
-        sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
-                                           closefd=False)
-        if replace_env:
-            os.environ.clear()
-        os.environ.update(env)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        import torch
-
-        # The OpenMP runtime read OMP_NUM_THREADS when the parent imported torch: the child's value is set here.
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads()))
-        from normzoo.cli import main
-
-        main(args)
+        body()
         code = 0
     except SystemExit as done:
-        code = exit_status(done)
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -135,3 +111,32 @@ def _child(args: list[str], out: int, err: int, env: Mapping[str, str], replace_
             except Exception:
                 pass
         os._exit(code)
+
+
+def _child(args: list[str], out: int, err: int, env: Mapping[str, str], replace_env: bool) -> NoReturn:
+    exit_with(lambda: _cli_in_child(args, out, err, env, replace_env))
+
+
+def _cli_in_child(args: list[str], out: int, err: int, env: Mapping[str, str], replace_env: bool) -> None:
+    os.setsid()
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(stdin, 0), os.dup2(out, 1), os.dup2(err, 2)
+    for fd in {stdin, out, err} - {0, 1, 2}:  # the copies on 0-2 are the child's; its runs must not hold these
+        os.close(fd)
+    # The parent's sys.stdout may not be its descriptor 1 (pytest's capture, a notebook's stream).
+    sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
+                                       closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
+                                       closefd=False)
+    if replace_env:
+        os.environ.clear()
+    os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    import torch
+
+    # The OpenMP runtime read OMP_NUM_THREADS when the parent imported torch: the child's value is set here.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads()))
+    from normzoo.cli import main
+
+    main(args)

@@ -7,12 +7,11 @@ import math
 import os
 import runpy
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 
-from normzoo.forked_run import exit_status
+from normzoo.forked_run import exit_with
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,24 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_script_forked(script: Path, args: list[str], log: Path) -> int:
     """``python SCRIPT ARGS`` as a fork of this process, which has imported torch and what the script imports from
     normzoo already (a fresh interpreter spends seconds on that); its output goes to ``log``. The exit status."""
+
+    def script_in_child() -> None:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        sys.stdout = sys.stderr = open(1, "w", buffering=1, encoding="utf-8", closefd=False)
+        sys.argv = [str(script), *args]
+        runpy.run_path(str(script), run_name="__main__")
+
     sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        code = 1
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1), os.dup2(fd, 2)
-            sys.stdout = sys.stderr = open(1, "w", buffering=1, encoding="utf-8", closefd=False)
-            sys.argv = [str(script), *args]
-            runpy.run_path(str(script), run_name="__main__")
-            code = 0
-        except SystemExit as done:
-            code = exit_status(done)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            os._exit(code)
+        exit_with(script_in_child)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
